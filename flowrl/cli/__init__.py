@@ -1,0 +1,34 @@
+"""The `flowrl` command. Heavy libraries are imported inside command bodies so --help is instant."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from flowrl import __version__
+from flowrl.errors import FlowrlError
+
+
+class FlowrlGroup(click.Group):
+    """A click group that turns user mistakes (FlowrlError) into a message and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FlowrlError as err:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=FlowrlGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="flowrl")
+def main() -> None:
+    """flowrl: reinforcement-learning fine-tuning of flow-matching text-to-image models."""
+
+
+from flowrl.cli.toy import toy  # noqa: E402  (registers after `main` exists)
+
+main.add_command(toy)
