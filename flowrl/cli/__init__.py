@@ -29,6 +29,9 @@ def main() -> None:
     """flowrl: reinforcement-learning fine-tuning of flow-matching text-to-image models."""
 
 
-from flowrl.cli.toy import toy  # noqa: E402  (registers after `main` exists)
+from flowrl.cli.pipeline import train, validate  # noqa: E402  (registers after `main` exists)
+from flowrl.cli.toy import toy  # noqa: E402
 
+main.add_command(train)
+main.add_command(validate)
 main.add_command(toy)

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from flowrl.errors import FlowrlError
-from flowrl.paths import TOY_MODEL, builtin_prompts
+from flowrl.paths import TOY_MODEL
 
 
 @click.group()
@@ -64,18 +64,12 @@ def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, force: bool)
 
 
 def _read_prompts(prompts: str):
-    from flowrl.rewards.geneval import load_metadata
+    from flowrl.prompts import load_prompt_set
 
-    path = Path(prompts)
-    if not path.exists() and "/" not in prompts and not prompts.endswith(".jsonl"):
-        try:
-            path = builtin_prompts(prompts)
-        except FileNotFoundError as err:
-            raise FlowrlError(str(err)) from None
-    try:
-        return load_metadata(path)
-    except (ValueError, FileNotFoundError) as err:
-        raise FlowrlError(str(err)) from None
+    records = load_prompt_set(prompts).metadata
+    if not records:
+        raise FlowrlError(f"{prompts}: toy sampling is scored with GenEval, so it needs a GenEval-format .jsonl prompt set")
+    return list(records)
 
 
 @toy.command()

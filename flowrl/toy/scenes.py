@@ -67,6 +67,20 @@ def _gap(a: tuple[float, float, float, float], b: tuple[float, float, float, flo
     return max(dx, dy)
 
 
+def _holds_robustly(relation: str, box_a, box_b, slack: float = 1.0) -> bool:
+    """`relation` holds for A relative to B even with A moved by `slack` px in any direction.
+
+    A relation that holds by a hair on the exact boxes can flip once a detector rounds boxes to
+    whole pixels; ground truth should not depend on that.
+    """
+    for dx in (-slack, 0.0, slack):
+        for dy in (-slack, 0.0, slack):
+            moved = (box_a[0] + dx, box_a[1] + dy, box_a[2] + dx, box_a[3] + dy)
+            if relation not in relative_position(moved, box_b):
+                return False
+    return True
+
+
 def _place(
     shape: str,
     color: str,
@@ -88,7 +102,7 @@ def _place(
         obj = ShapeObject(shape, color, float(cx), float(cy), float(size))
         if any(_gap(obj.box, o.box) < MIN_GAP * scale for o in placed):
             continue
-        if relation is not None and relation[0] not in relative_position(obj.box, relation[1].box):
+        if relation is not None and not _holds_robustly(relation[0], obj.box, relation[1].box):
             continue
         return obj
     return None
