@@ -1,0 +1,401 @@
+"""The pipeline YAML: schema, loading with line numbers, command-line overrides, error reports.
+
+One file says everything about a run. The top-level sections are pydantic models defined here; the
+stage sections (sampler, rewards, estimator, objective, advantage) are validated against the
+``Config`` model of the stage their ``kind`` names (see registry.py), so every default lives in
+exactly one place: the schema here or the stage's own Config.
+
+Errors are collected, not stopped at the first. Each one names file:line, the dotted key, what was
+found, what is allowed, and the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flowrl.errors import FlowrlError
+
+STAGE_SECTIONS = ("sampler", "estimator", "objective", "advantage")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(Strict):
+    rank: int = Field(32, gt=0, description="LoRA rank r.")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
+    init: Literal["gaussian", "default"] = Field("gaussian", description="peft init_lora_weights.")
+    targets: tuple[str, ...] = Field(
+        ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        min_length=1,
+        description="Module names of the transformer that get adapters.",
+    )
+
+
+class ModelConfig(Strict):
+    path: str = Field("assets/toy-sd3", description="diffusers folder or hub id of the base model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig = LoraConfig()
+    max_sequence_length: int | None = Field(
+        None, ge=0, le=512, description="T5 tokens; None reads the model card (toy) or uses 256."
+    )
+    gradient_checkpointing: bool = False
+
+
+class PromptsConfig(Strict):
+    train: str = Field("toy-train", description="Built-in set name or GenEval-metadata / text file.")
+    test: str = Field("toy-test", description="Prompts of periodic evaluation.")
+    group_size: int = Field(8, gt=0, description="Images per prompt (advantage group); divides train.batch_size.")
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(5.0, gt=0)
+
+
+class OldPolicyConfig(Strict):
+    rate: float = Field(0.001, ge=0, description="d = min(rate * epoch, max) in old <- d old + (1-d) theta.")
+    max: float = Field(0.5, ge=0, lt=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(100, gt=0)
+    batch_size: int = Field(64, gt=0, description="Images per epoch (prompts per epoch = batch_size / group_size).")
+    micro_batch: int = Field(16, gt=0, description="Images per forward/backward (gradient accumulation).")
+    steps_per_epoch: int = Field(1, gt=0, description="Optimizer steps per epoch (batch split evenly).")
+    seed: int = 0
+    ema_decay: float = Field(0.9, ge=0, lt=1)
+    old: OldPolicyConfig = OldPolicyConfig()
+    rollout_policy: Literal["old", "policy"] = Field("old", description="Weights that sample rollouts.")
+    reward_aggregation: Literal["sum-then-normalize", "normalize-then-sum"] = "sum-then-normalize"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default).")
+
+
+class EvalConfig(Strict):
+    every: int = Field(10, ge=0, description="Evaluate every N epochs (0: never, except at the end).")
+    sampler: dict[str, Any] = Field(default_factory=lambda: {"kind": "euler", "steps": 20})
+    images_per_prompt: int = Field(4, gt=0)
+    weights: Literal["ema", "policy"] = "ema"
+    limit: int | None = Field(None, gt=0, description="Only the first N test prompts.")
+    seed: int = 1234
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(10, ge=0, description="Checkpoint every N epochs (0: only at the end).")
+    keep_last: int = Field(3, gt=0)
+
+
+class LoggingConfig(Strict):
+    tensorboard: bool = False
+    sample_grid: bool = True
+
+
+class PipelineConfig(Strict):
+    """The whole of pipeline.yaml."""
+
+    name: str = "run"
+    output: str = Field("runs/run", description="Run folder (metrics, checkpoints, samples).")
+    model: ModelConfig = ModelConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    sampler: dict[str, Any] = Field(default_factory=lambda: {"kind": "dpm2"})
+    rewards: list[dict[str, Any]] = Field(
+        min_length=1, description="Each: {kind, name?, weight, scale, clip, <the reward's own fields>}."
+    )
+    estimator: dict[str, Any] = Field(default_factory=lambda: {"kind": "elbo"})
+    objective: dict[str, Any] = Field(default_factory=lambda: {"kind": "pepg"})
+    advantage: dict[str, Any] = Field(default_factory=lambda: {"kind": "exact"})
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+# --------------------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem of a pipeline file."""
+
+    key: str  # dotted key, e.g. "objective.kl.beta"
+    message: str  # what was found, what is allowed, and how to fix it
+    line: int | None = None
+
+    def format(self, file: str) -> str:
+        where = f"{file}:{self.line}" if self.line else file
+        return f"{where}: {self.key or '<top>'}: {self.message}"
+
+
+class ConfigError(FlowrlError):
+    """Every problem found in a pipeline file, reported together."""
+
+    def __init__(self, file: str, issues: Sequence[Issue]):
+        self.file, self.issues = file, list(issues)
+        lines = "\n".join("  " + i.format(file) for i in self.issues)
+        n = len(self.issues)
+        super().__init__(f"{n} problem{'s' * (n != 1)} in {file}:\n{lines}")
+
+
+# ------------------------------------------------------------------------------ YAML with lines
+
+
+def _walk(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[path + (key,)] = k.start_mark.line + 1
+            _walk(v, path + (key,), out)
+            out[path + (key,)] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _walk(v, path + (i,), out)
+
+
+def read_yaml(text: str, file: str) -> tuple[dict, dict[tuple, int]]:
+    """Parse YAML text into (data, line of each key path).
+
+    Raises:
+        ConfigError: malformed YAML (with its line) or a top level that is not a mapping.
+    """
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(file, [Issue("", f"malformed YAML: {problem}; fix the syntax at this line", line)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(file, [Issue("", f"the file must be a mapping of sections, found a {type(data).__name__}", 1)])
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _walk(node, (), lines)
+    return data, lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise FlowrlError(f"override {text!r} is not of the form key.sub=value (e.g. train.epochs=20)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return [p for p in key.strip().split(".")], value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """A copy of `data` with each 'key.sub=value' set (list items by index: rewards.0.weight=2)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = data
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise FlowrlError(f"override {text!r}: {'.'.join(keys[:i])} has {len(node)} items, {k!r} is not an index")
+                node = node[int(k)]
+            else:
+                node = node.setdefault(k, {})
+                if not isinstance(node, (dict, list)):
+                    raise FlowrlError(f"override {text!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        last = keys[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise FlowrlError(f"override {text!r}: {last!r} is not an index of a {len(node)}-item list")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def _fields_at(model: type[BaseModel], loc: Sequence) -> list[str]:
+    """Field names of the pydantic model found by walking `loc` (for nearest-name hints)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        current = _model_in(ann)
+    return list(getattr(current, "model_fields", {}) or {})
+
+
+def _model_in(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def issues_from_validation(err: ValidationError, model: type[BaseModel], prefix: tuple = (), lines=None) -> list[Issue]:
+    """Turn pydantic's errors into Issues with dotted keys, lines and nearest-name hints."""
+    lines = lines or {}
+    out = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        full = prefix + loc
+        key = ".".join(str(p) for p in full)
+        line = _line_of(lines, full)
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            msg = f"unknown key {str(loc[-1])!r}{hint} Allowed here: {', '.join(allowed) or 'none'}"
+        elif e["type"] == "missing":
+            msg = "required key is missing; add it"
+        else:
+            found = f" (found {_describe(e.get('input'))})" if "input" in e else ""
+            msg = f"{e['msg']}{found}"
+        out.append(Issue(key, msg, line))
+    return out
+
+
+def _line_of(lines: Mapping[tuple, int], loc: tuple) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def validate_stage(kind: str, section: Any, prefix: tuple, lines: Mapping[tuple, int]) -> tuple[Any, list[Issue]]:
+    """Validate a stage section against its registered Config; returns (config or None, issues)."""
+    from flowrl import registry
+
+    line = _line_of(lines, prefix)
+    key = ".".join(map(str, prefix))
+    if not isinstance(section, dict):
+        return None, [Issue(key, f"must be a mapping with a 'kind', found {_describe(section)}", line)]
+    name = section.get("kind")
+    if not isinstance(name, str):
+        known = ", ".join(registry.names(kind))
+        return None, [Issue(key + ".kind", f"missing 'kind'; choose one of: {known}", line)]
+    try:
+        cls = registry.lookup(kind, name)
+    except FlowrlError as err:
+        return None, [Issue(key + ".kind", str(err), _line_of(lines, prefix + ("kind",)))]
+    try:
+        return cls.Config.model_validate(section), []
+    except ValidationError as err:
+        return None, issues_from_validation(err, cls.Config, prefix, lines)
+
+
+@dataclass(frozen=True)
+class ResolvedPipeline:
+    """A validated pipeline: the top-level config plus each stage's typed Config."""
+
+    config: PipelineConfig
+    sampler: Any
+    estimator: Any
+    objective: Any
+    advantage: Any
+    eval_sampler: Any
+    rewards: tuple[Any, ...]
+    source: str
+
+    def to_dict(self) -> dict:
+        """The fully resolved configuration (every default filled in), as plain data."""
+        data = self.config.model_dump(mode="json")
+        for name in STAGE_SECTIONS:
+            data[name] = getattr(self, name).model_dump(mode="json")
+        data["eval"]["sampler"] = self.eval_sampler.model_dump(mode="json")
+        data["rewards"] = [r.model_dump(mode="json") for r in self.rewards]
+        return data
+
+
+def resolve(data: dict, file: str = "<pipeline>", lines: Mapping[tuple, int] | None = None) -> ResolvedPipeline:
+    """Validate plain data as a pipeline; raises ConfigError listing every problem."""
+    lines = lines or {}
+    issues: list[Issue] = []
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        config = None
+        issues += issues_from_validation(err, PipelineConfig, (), lines)
+    stages: dict[str, Any] = {}
+    raw = data if isinstance(data, dict) else {}
+    defaults = PipelineConfig.model_fields
+    for name in STAGE_SECTIONS:
+        section = raw.get(name, defaults[name].default_factory())
+        stages[name], found = validate_stage("sampler" if name == "sampler" else name, section, (name,), lines)
+        issues += found
+    eval_section = (raw.get("eval") or {}).get("sampler", EvalConfig().sampler) if isinstance(raw.get("eval"), (dict, type(None))) else None
+    stages["eval_sampler"], found = validate_stage("sampler", eval_section, ("eval", "sampler"), lines)
+    issues += found
+    rewards = []
+    raw_rewards = raw.get("rewards")
+    if isinstance(raw_rewards, list):
+        for i, section in enumerate(raw_rewards):
+            reward, found = validate_stage("reward", section, ("rewards", i), lines)
+            issues += found
+            rewards.append(reward)
+        labels = [r.label for r in rewards if r is not None]
+        for dup in sorted({n for n in labels if labels.count(n) > 1}):
+            issues.append(Issue("rewards", f"two rewards are labelled {dup!r}; give each a distinct `name`", _line_of(lines, ("rewards",))))
+    stages["rewards"] = tuple(rewards)
+    if issues or config is None:
+        raise ConfigError(file, _dedupe(issues))
+    from flowrl.graph import check_graph
+
+    resolved = ResolvedPipeline(config=config, source=file, **stages)
+    problems = check_graph(resolved)
+    if problems:
+        raise ConfigError(file, [Issue(k, m, _line_of(lines, tuple(int(p) if p.isdigit() else p for p in k.split(".")))) for k, m in problems])
+    return resolved
+
+
+def _dedupe(issues: list[Issue]) -> list[Issue]:
+    seen, out = set(), []
+    for i in issues:
+        if (i.key, i.message) not in seen:
+            seen.add((i.key, i.message))
+            out.append(i)
+    return out
+
+
+def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> ResolvedPipeline:
+    """Read, override and validate a pipeline file (no weights are loaded).
+
+    Raises:
+        ConfigError: every problem of the file, each with file:line and dotted key.
+        FlowrlError: a missing file or a malformed override.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FlowrlError(f"pipeline file {path} does not exist; ready pipelines are in pipelines/ (e.g. pipelines/toy-geneval.yaml)")
+    data, lines = read_yaml(path.read_text(), str(path))
+    data = apply_overrides(data, overrides)
+    return resolve(data, str(path), lines)
