@@ -135,9 +135,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ setup
 
-    def _prepare_folder(self) -> int:
-        """Create or check the run folder; returns the first epoch to run."""
-        resolved = self.p.to_dict()
+    def _check_folder(self) -> int:
+        """Check the run folder before anything is loaded; returns the first epoch to run."""
         cfg_file = self.out / "pipeline.yaml"
         if self.resume:
             ckpt = latest_checkpoint(self.out)
@@ -149,9 +148,11 @@ class Trainer:
                 f"{self.out} already holds a run; pass --resume to continue it, or choose another output "
                 f"(output=... on the command line)"
             )
-        self.out.mkdir(parents=True, exist_ok=True)
-        cfg_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
         return 0
+
+    def _start_folder(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "pipeline.yaml").write_text(yaml.safe_dump(self.p.to_dict(), sort_keys=False))
 
     def _setup(self) -> None:
         c = self.cfg
@@ -166,28 +167,51 @@ class Trainer:
         o = c.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
         self.with_negative = _uses_cfg(self.p.sampler, self.p.eval_sampler, self.p.estimator)
+        self.writer = None
+        if c.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise FlowrlError(
+                    "logging.tensorboard: true needs the tensorboard package; install it with "
+                    "pip install 'flowrl[tensorboard]' or set logging.tensorboard: false"
+                ) from None
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
 
     # ------------------------------------------------------------------------------------- loop
 
     def run(self) -> Path:
-        start = self._prepare_folder()
+        start = self._check_folder()
         self._setup()
-        if start > 0:
+        if start == 0:
+            self._start_folder()
+        else:
             self._load_checkpoint(self.out / CHECKPOINTS / f"epoch-{start - 1}")
             truncate_metrics(self.out / "metrics.jsonl", start - 1)
             self.log(f"resumed from epoch {start - 1}")
         epochs = self.cfg.train.epochs
+        from flowrl.progress import count_progress
+
         if start == 0 and self.cfg.eval.every:
             self._write_metrics({"epoch": -1, **self.evaluate(-1)})
-        for epoch in range(start, epochs):
-            metrics = self.train_epoch(epoch)
-            last = epoch == epochs - 1
-            if (self.cfg.eval.every and (epoch + 1) % self.cfg.eval.every == 0) or last:
-                metrics |= self.evaluate(epoch)
-            self._write_metrics(metrics)
-            self.log(format_metrics(metrics))
-            if (self.cfg.checkpoint.every and (epoch + 1) % self.cfg.checkpoint.every == 0) or last:
-                self._save_checkpoint(epoch)
+        with count_progress("train epochs", epochs - start) as advance:
+            for epoch in range(start, epochs):
+                metrics = self.train_epoch(epoch)
+                last = epoch == epochs - 1
+                evaluated = (self.cfg.eval.every and (epoch + 1) % self.cfg.eval.every == 0) or last
+                if evaluated:
+                    metrics |= self.evaluate(epoch)
+                self._write_metrics(metrics)
+                self.log(format_metrics(metrics))
+                if evaluated:
+                    from flowrl.plots import plot_run
+
+                    plot_run(self.out / "metrics.jsonl", self.out / "curves.png", title=self.cfg.name)
+                if (self.cfg.checkpoint.every and (epoch + 1) % self.cfg.checkpoint.every == 0) or last:
+                    self._save_checkpoint(epoch)
+                advance(1)
+        if self.writer is not None:
+            self.writer.close()
         return self.out
 
     def _pick_prompts(self, epoch: int) -> PromptBatch:
@@ -315,6 +339,10 @@ class Trainer:
     def _write_metrics(self, metrics: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, metrics["epoch"])
 
     def _save_checkpoint(self, epoch: int) -> Path:
         from safetensors.torch import save_file
