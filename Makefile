@@ -22,7 +22,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Rebuild the embedded model from scratch (about 35 minutes on 2 cores).
+# Rebuild the embedded model from scratch (about 38 minutes on 2 cores).
 toy-pretrain: setup
 	$(BIN)/flowrl toy pretrain --out outputs/toy-sd3
 

@@ -27,7 +27,7 @@ def toy() -> None:
 @click.option("--batch", type=int, default=None, help="Batch size of both phases.")
 @click.option("--force", is_flag=True, help="Replace OUT if it already holds a model.")
 def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, force: bool) -> None:
-    """Build and train the tiny SD3 from scratch on rendered scenes (about 35 min on 2 cores).
+    """Build and train the tiny SD3 from scratch on rendered scenes (about 38 min on 2 cores).
 
     Writes a diffusers folder that StableDiffusion3Pipeline.from_pretrained(OUT) loads offline.
     """
