@@ -42,6 +42,9 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
     Raises:
         ModelNotFoundError: not a local folder and not in the local hub cache (no network here).
     """
+    from flowrl.hf import quiet
+
+    quiet()
     from diffusers import StableDiffusion3Pipeline
 
     where = resolve_model_path(path)

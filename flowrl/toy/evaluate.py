@@ -58,6 +58,9 @@ def load_pipeline(model: str | Path):
     Raises:
         ModelNotFoundError: the folder does not exist or is not a diffusers pipeline folder.
     """
+    from flowrl.hf import quiet
+
+    quiet()
     from diffusers import StableDiffusion3Pipeline
 
     path = Path(model)
