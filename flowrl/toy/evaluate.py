@@ -50,7 +50,7 @@ class ToyEval:
 
 
 def load_pipeline(model: str | Path):
-    """Load a StableDiffusion3Pipeline from a local folder, offline, on the CPU in float32.
+    """Load a StableDiffusion3Pipeline offline on the CPU in float32 (see flowrl.policy.load_pipeline).
 
     Returns:
         (pipeline, card) where card is flowrl's build record ({} for other models).
@@ -58,20 +58,15 @@ def load_pipeline(model: str | Path):
     Raises:
         ModelNotFoundError: the folder does not exist or is not a diffusers pipeline folder.
     """
-    from flowrl.hf import quiet
+    from flowrl.policy import load_pipeline as load, resolve_model_path
 
-    quiet()
-    from diffusers import StableDiffusion3Pipeline
-
-    path = Path(model)
-    if not (path / "model_index.json").is_file():
+    path = Path(resolve_model_path(str(model)))
+    if not path.exists():
         raise ModelNotFoundError(
-            f"no diffusers model folder at {path} (model_index.json missing). The embedded toy "
-            "model ships in assets/toy-sd3; rebuild it with `flowrl toy pretrain --out DIR`."
+            f"no model folder at {path}. The embedded toy model ships in assets/toy-sd3; rebuild it "
+            "with `flowrl toy pretrain --out DIR`."
         )
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, read_card(path)
+    return load(str(path)), read_card(path)
 
 
 @torch.no_grad()
