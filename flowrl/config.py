@@ -352,9 +352,11 @@ def resolve(data: dict, file: str = "<pipeline>", lines: Mapping[tuple, int] | N
         section = raw.get(name, defaults[name].default_factory())
         stages[name], found = validate_stage("sampler" if name == "sampler" else name, section, (name,), lines)
         issues += found
-    eval_section = (raw.get("eval") or {}).get("sampler", EvalConfig().sampler) if isinstance(raw.get("eval"), (dict, type(None))) else None
-    stages["eval_sampler"], found = validate_stage("sampler", eval_section, ("eval", "sampler"), lines)
-    issues += found
+    eval_raw = raw.get("eval") or {}
+    if isinstance(eval_raw, dict):  # a non-mapping `eval` is already reported by the schema pass
+        section = eval_raw.get("sampler", EvalConfig().sampler)
+        stages["eval_sampler"], found = validate_stage("sampler", section, ("eval", "sampler"), lines)
+        issues += found
     rewards = []
     raw_rewards = raw.get("rewards")
     if isinstance(raw_rewards, list):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -191,15 +190,6 @@ class FlowPolicy:
                 if ".lora_" in name:
                     p.requires_grad_(_lora_key(name, "policy") is not None)
         self._active = which
-
-    @contextmanager
-    def using(self, which: Which | str):
-        previous = self._active or "policy"
-        self.activate(which)
-        try:
-            yield
-        finally:
-            self.activate(previous)
 
     # --------------------------------------------------------------------------- model interface
 
