@@ -80,6 +80,13 @@ class TrainConfig(Strict):
     rollout_policy: Literal["old", "policy"] = Field("old", description="Weights that sample rollouts.")
     reward_aggregation: Literal["sum-then-normalize", "normalize-then-sum"] = "sum-then-normalize"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default).")
+    rollout_precision: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Autocast dtype of the no-grad rollout passes (sampling and decoding). bfloat16 is "
+        "about 1.5x faster on GPUs and on CPUs with AMX; estimators recompute every likelihood from the "
+        "stored latents in the training dtype, so the ratio stays exactly 1 at the start. Evaluation "
+        "always samples in the model dtype.",
+    )
 
 
 class EvalConfig(Strict):

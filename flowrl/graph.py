@@ -71,4 +71,11 @@ def check_graph(p: ResolvedPipeline) -> list[tuple[str, str]]:
                 f"micro_batch {cfg.train.micro_batch} does not divide the {per_step} images of one "
                 f"optimizer step (batch_size / steps_per_epoch); use one of {_divisors(per_step)}",
             ))
+        elif getattr(p.estimator, "noise", None) == "per-group" and group and cfg.train.micro_batch % group:
+            problems.append((
+                "estimator.noise",
+                f"noise: per-group shares each term's noise within a prompt's group, so every micro-batch "
+                f"must hold whole groups, but train.micro_batch {cfg.train.micro_batch} is not a multiple "
+                f"of prompts.group_size {group}; use a micro_batch that is, or noise: per-image",
+            ))
     return problems

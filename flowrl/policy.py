@@ -58,7 +58,7 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32):
     except OSError as err:
         raise ModelNotFoundError(
             f"cannot load model {path!r}: {err}. No weights are downloaded on machines without network: "
-            f"fetch it elsewhere with `huggingface-cli download {path}` and copy the cache, or set "
+            f"fetch it elsewhere with `hf download {path}` and copy the cache, or set "
             "model.path to a local diffusers folder"
         ) from None
     pipe.set_progress_bar_config(disable=True)

@@ -17,6 +17,7 @@ Run folder layout (other tools rely on it)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -121,6 +122,22 @@ def roll_out(policy, sampler, batch: PromptBatch, cond: Conditioning, seeds: lis
         trajectory = Trajectory(torch.cat([t.latents for t in trajs]), trajs[0].sigmas, torch.cat([t.log_probs for t in trajs]))
     images = decode_in_chunks(policy, x0, chunk)
     return Rollout(batch, cond, x0, images, sigmas, trajectory)
+
+
+def group_order(group_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random order of the images [B] that keeps each group's images together (groups shuffled,
+    images within a group in place), so micro-batches and optimizer steps hold whole groups whenever
+    their sizes are multiples of the group size (the graph check makes them so)."""
+    groups = torch.unique(group_ids)
+    perm = groups[torch.randperm(groups.numel(), generator=generator)]
+    return torch.cat([torch.nonzero(group_ids == g).flatten() for g in perm])
+
+
+def rollout_autocast(device: torch.device, precision: str):
+    """Autocast context for rollouts: bf16 matmuls when asked, else a no-op."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
 class Trainer:
@@ -252,7 +269,7 @@ class Trainer:
         cond = encode_batch(self.policy, list(batch.prompts), self.with_negative)
         seeds = [derive_seed(c.train.seed, epoch, 2, i) for i in range(len(batch.prompts))]
         self.policy.transformer.eval()
-        with torch.no_grad():
+        with torch.no_grad(), rollout_autocast(self.device, c.train.rollout_precision):
             rollout = roll_out(self.policy, self.stages.sampler, batch, cond, seeds, c.train.rollout_policy, c.train.micro_batch)
         t_roll = time.perf_counter()
         adv, metrics, _ = self.score(rollout)
@@ -263,7 +280,7 @@ class Trainer:
         per_step = c.train.batch_size // c.train.steps_per_epoch
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
-        order = torch.randperm(len(seeds), generator=torch.Generator().manual_seed(derive_seed(c.train.seed, epoch, 3)))
+        order = group_order(batch.group_ids, torch.Generator().manual_seed(derive_seed(c.train.seed, epoch, 3)))
         grad_norms = []
         self.policy.activate("policy")
         for step in range(c.train.steps_per_epoch):
