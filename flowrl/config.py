@@ -62,6 +62,11 @@ class OptimizerConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(5.0, gt=0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning rate over the run: constant (the paper), or cosine decay to min_lr_ratio * lr."
+    )
+    warmup_epochs: int = Field(0, ge=0, description="Epochs of linear warm-up from 0 to lr.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr of the cosine schedule, as a share of lr.")
 
 
 class OldPolicyConfig(Strict):

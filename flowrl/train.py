@@ -36,7 +36,7 @@ from flowrl.config import ResolvedPipeline
 from flowrl.errors import FlowrlError
 from flowrl.policy import ADAPTERS, FlowPolicy
 from flowrl.prompts import PromptSet, load_prompt_set
-from flowrl.rewards.base import transform
+from flowrl.rewards.mix import RewardMix, mix_advantages, mix_metrics
 from flowrl.types import Conditioning, PromptBatch, Rollout
 
 CHECKPOINTS = "checkpoints"
@@ -65,7 +65,7 @@ class Stages:
     estimator: object
     objective: object
     advantage: object
-    rewards: tuple
+    rewards: RewardMix  # iterable: the reward stages in `rewards:` order
     eval_sampler: object
 
 
@@ -84,7 +84,7 @@ def build_stages(p: ResolvedPipeline) -> Stages:
         estimator=estimator,
         objective=make("objective", p.objective),
         advantage=make("advantage", p.advantage),
-        rewards=tuple(make("reward", r) for r in p.rewards),
+        rewards=RewardMix(p.rewards),  # each reward (and its model) built once per run
         eval_sampler=make("sampler", p.eval_sampler),
     )
 
@@ -131,6 +131,19 @@ def group_order(group_ids: torch.Tensor, generator: torch.Generator) -> torch.Te
     groups = torch.unique(group_ids)
     perm = groups[torch.randperm(groups.numel(), generator=generator)]
     return torch.cat([torch.nonzero(group_ids == g).flatten() for g in perm])
+
+
+def learning_rate(epoch: int, epochs: int, lr: float, schedule: str, warmup: int, min_ratio: float) -> float:
+    """The learning rate of `epoch` (0-based) of `epochs`: linear warm-up over `warmup` epochs, then
+    constant or cosine decay to `min_ratio * lr` at the last epoch. A pure function of the epoch, so
+    resuming needs no scheduler state."""
+    if warmup and epoch < warmup:
+        return lr * (epoch + 1) / warmup
+    if schedule == "constant":
+        return lr
+    span = max(1, epochs - 1 - warmup)
+    progress = min(1.0, (epoch - warmup) / span)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def rollout_autocast(device: torch.device, precision: str):
@@ -243,24 +256,12 @@ class Trainer:
         return PromptBatch([self.train_set.prompts[i] for i in idx], groups, meta)
 
     def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float], dict]:
-        """Weighted, transformed rewards -> advantages [B]; plus logged means."""
-        outputs, scores = {}, {}
-        for reward in self.stages.rewards:
-            out = reward(rollout.images, rollout.batch.prompts, rollout.batch.metadata)
-            outputs[reward.config.label] = out
-            scores[reward.config.label] = transform(out.scores.float(), reward.config)
-        weights = {r.config.label: r.config.weight for r in self.stages.rewards}
-        from flowrl.advantages import aggregate
-
-        adv = aggregate(scores, weights, self.cfg.train.reward_aggregation, lambda r: self.stages.advantage(r, rollout.batch.group_ids))
-        logged = {f"reward/{k}": float(o.scores.float().mean()) for k, o in outputs.items()}
-        logged["reward/mean"] = float(sum(weights[k] * scores[k] for k in scores).mean())
-        for k, o in outputs.items():
-            for name, value in o.details.items():
-                logged[f"reward/{k}/{name}"] = float(value.float().mean())
-            if o.failures:
-                logged[f"reward/{k}/failures"] = o.failures
-        return adv, logged, outputs
+        """Every reward of the mix on the rollout's images -> advantages [B], logged means, and
+        the raw output of each reward by label."""
+        batch = rollout.batch
+        out = self.stages.rewards(rollout.images, batch.prompts, batch.metadata)
+        adv = mix_advantages(out, self.cfg.train.reward_aggregation, lambda r: self.stages.advantage(r, batch.group_ids))
+        return adv, mix_metrics(out), dict(out.parts)
 
     def train_epoch(self, epoch: int) -> dict:
         c = self.cfg
@@ -282,6 +283,10 @@ class Trainer:
         counts: dict[str, int] = defaultdict(int)
         order = group_order(batch.group_ids, torch.Generator().manual_seed(derive_seed(c.train.seed, epoch, 3)))
         grad_norms = []
+        o = c.optimizer
+        lr = learning_rate(epoch, c.train.epochs, o.lr, o.schedule, o.warmup_epochs, o.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.policy.activate("policy")
         for step in range(c.train.steps_per_epoch):
             step_idx = order[step * per_step : (step + 1) * per_step]
@@ -311,6 +316,7 @@ class Trainer:
         metrics["loss"] = metrics.pop("train/loss", float("nan"))
         metrics["train/grad_norm"] = float(np.mean(grad_norms))
         metrics["train/old_decay"] = decay
+        metrics["train/lr"] = lr
         metrics["advantage/abs_mean"] = float(adv.abs().mean())
         metrics["time/rollout_s"] = t_roll - t0
         metrics["time/reward_s"] = t_reward - t_roll

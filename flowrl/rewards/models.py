@@ -34,7 +34,7 @@ class RewardInfo:
     measures: str
     model: str
     licence: str
-    extra: str = ""  # pip extra needed beyond the default install ("" = none)
+    extra: str = ""  # pip extra the reward's DEFAULT configuration needs beyond the default install ("" = none)
 
 
 class ModelRewardConfig(RewardConfig):

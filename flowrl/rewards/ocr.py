@@ -500,7 +500,7 @@ class OCRReward:
         measures="text rendering: the prompt's quoted text vs what OCR reads (1 - capped edit distance)",
         model="PP-OCR det+rec ONNX shipped in rapidocr (or PaddleOCR 2.x en_PP-OCRv3/v4, or Tesseract)",
         licence="Apache-2.0 (PP-OCR models, rapidocr, PaddleOCR, Tesseract)",
-        extra="ocr",
+        extra="",  # the default backend/engine needs nothing beyond the default install
     )
 
     class Config(ModelRewardConfig):

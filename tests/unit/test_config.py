@@ -91,6 +91,7 @@ def test_schema_mistakes_name_line_key_and_fix(tmp_path, edit, key, needle, line
         (lambda s: s.replace("group_size: 4", "group_size: 1"), "prompts.group_size", "zero"),
         (lambda s: s.replace("kind: pepg}", "kind: nft}").replace("{kind: elbo}", "{kind: trajectory}").replace("kind: dpm2", "kind: flow-sde"), "objective.kind", "elbo"),
         (lambda s: s.replace("kind: pepg}", "kind: pepg, kl: {kind: gaussian-step}}"), "objective.kl.kind", "girsanov"),
+        (lambda s: s.replace("{kind: elbo}", "{kind: elbo, noise: per-group}").replace("micro_batch: 8", "micro_batch: 2"), "estimator.noise", "whole groups"),
     ],
 )
 def test_contradictions_are_refused_with_the_fix(tmp_path, edit, key, needle):

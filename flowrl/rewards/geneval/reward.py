@@ -55,6 +55,7 @@ class GenEvalReward:
         measures="GenEval compositional correctness: objects, counts, colours, positions (dense 0-1 or strict)",
         model=f"shapes (toy, built in); {DEFAULT_DETECTOR} + {DEFAULT_CLIP}; or GenEval's mmdet Mask2Former",
         licence="GenEval rules MIT; Mask2Former (Meta) and OpenAI CLIP weights under their own terms",
+        extra="",  # the default backend/engine needs nothing beyond the default install
     )
 
     class Config(ModelRewardConfig):

@@ -235,7 +235,7 @@ def test_stage_is_registered_and_configurable():
         OCRReward.Config(engine="easyocr")
     with pytest.raises(ValueError):
         OCRReward.Config(min_confidence=1.5)
-    assert OCRReward.info.extra == "ocr" and "Apache-2.0" in OCRReward.info.licence
+    assert OCRReward.info.extra == "" and "Apache-2.0" in OCRReward.info.licence
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,49 @@
+"""Pure helpers of the trainer: learning-rate schedule, group-preserving order, rollout autocast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flowrl.train import group_order, learning_rate, rollout_autocast
+
+
+def test_constant_schedule_with_warmup():
+    lrs = [learning_rate(e, 10, 1e-3, "constant", 2, 0.0) for e in range(10)]
+    assert lrs[:3] == [pytest.approx(5e-4), pytest.approx(1e-3), pytest.approx(1e-3)]
+    assert all(x == pytest.approx(1e-3) for x in lrs[1:])
+
+
+def test_cosine_schedule_hand_values():
+    lr = lambda e: learning_rate(e, 5, 1.0, "cosine", 0, 0.1)  # noqa: E731
+    assert lr(0) == pytest.approx(1.0)
+    assert lr(2) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # 0.55
+    assert lr(4) == pytest.approx(0.1)
+    assert lr(1) > lr(2) > lr(3)
+
+
+def test_cosine_after_warmup_starts_at_peak():
+    assert learning_rate(1, 11, 2.0, "cosine", 2, 0.0) == pytest.approx(2.0)  # last warm-up epoch
+    assert learning_rate(2, 11, 2.0, "cosine", 2, 0.0) == pytest.approx(2.0)  # first decay epoch
+    assert learning_rate(10, 11, 2.0, "cosine", 2, 0.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_group_order_keeps_groups_contiguous_and_is_a_permutation():
+    ids = torch.arange(8).repeat_interleave(4)
+    order = group_order(ids, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(32))
+    blocks = ids[order].view(8, 4)
+    assert bool((blocks == blocks[:, :1]).all()), "a group was split"
+    assert blocks[:, 0].tolist() != list(range(8)), "groups were not shuffled"
+    again = group_order(ids, torch.Generator().manual_seed(0))
+    assert torch.equal(order, again)
+
+
+def test_rollout_autocast_runs_matmuls_in_bf16_only_when_asked():
+    a = torch.randn(4, 4)
+    with rollout_autocast(torch.device("cpu"), "float32"):
+        assert (a @ a).dtype == torch.float32
+    with rollout_autocast(torch.device("cpu"), "bfloat16"):
+        assert (a @ a).dtype == torch.bfloat16
