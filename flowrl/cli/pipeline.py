@@ -45,4 +45,20 @@ def train(pipeline: Path, overrides: tuple[str, ...], out: Path | None, resume: 
     p = load_pipeline(pipeline, overrides)
     console = Console(stderr=True)
     run = Trainer(p, out, resume=resume, log=lambda s: console.print(s, highlight=False)).run()
-    console.print(f"run folder: [bold]{run}[/] (metrics.jsonl, samples/, checkpoints/)")
+    for line in eval_progress(run / "metrics.jsonl"):
+        console.print(line, highlight=False)
+    console.print(f"run folder: [bold]{run}[/] (curves.png, samples/, metrics.jsonl, checkpoints/)")
+
+
+def eval_progress(metrics: Path) -> list[str]:
+    """'eval/<reward>: first -> last (epochs a -> b)' for each evaluated reward of a run."""
+    import json
+
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.count("/") == 1})
+    lines = []
+    for key in keys:
+        seen = [(r["epoch"], r[key]) for r in rows if key in r]
+        (e0, v0), (e1, v1) = seen[0], seen[-1]
+        lines.append(f"{key}: {v0:.3f} (epoch {e0}) -> {v1:.3f} (epoch {e1})")
+    return lines

@@ -37,8 +37,9 @@ def metrics(run: Path) -> list[dict]:
 def test_each_toy_pipeline_trains(tmp_path: Path, name: str):
     run = tmp_path / name
     extra = ["train.steps_per_epoch=1"] if name == "toy-flowgrpo" else []
-    train(str(REPO / "pipelines" / f"{name}.yaml"), *TINY, *extra, "train.epochs=2", "--out", str(run))
+    res = train(str(REPO / "pipelines" / f"{name}.yaml"), *TINY, *extra, "train.epochs=2", "--out", str(run))
     rows = metrics(run)
+    assert f"eval/geneval: {rows[0]['eval/geneval']:.3f} (epoch -1) -> {rows[-1]['eval/geneval']:.3f} (epoch 1)" in res.output
     assert [r["epoch"] for r in rows] == [-1, 0, 1]
     for r in rows[1:]:
         for key in ("reward/mean", "reward/geneval", "loss", "time/epoch_s", "train/grad_norm"):
@@ -68,6 +69,18 @@ def test_resume_gives_identical_weights(tmp_path: Path, monkeypatch):
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time/", "eval/"))} for r in rows]  # noqa: E731
     assert strip(metrics(straight)) == strip(metrics(split))
     assert [r["epoch"] for r in metrics(split)] == [0, 1, 2, 3]
+
+
+def test_bf16_rollouts_keep_the_ratio_exact_and_lr_follows_the_schedule(tmp_path: Path):
+    run = tmp_path / "bf16"
+    train(
+        str(REPO / "pipelines" / "toy-geneval.yaml"), *TINY, "train.rollout_precision=bfloat16", "eval.every=0",
+        "estimator.noise=per-group", "optimizer.schedule=cosine", "optimizer.lr=0.01", "optimizer.min_lr_ratio=0.5",
+        "train.epochs=3", "--out", str(run),
+    )
+    rows = metrics(run)
+    assert rows[0]["train/ratio_mean"] == 1.0 and rows[0]["train/ratio_min"] == 1.0  # old == policy at epoch 0
+    assert [round(r["train/lr"], 6) for r in rows if "train/lr" in r] == [0.01, 0.0075, 0.005]
 
 
 def test_refuses_to_overwrite_a_run(tmp_path: Path):
