@@ -32,9 +32,13 @@ def main() -> None:
 from flowrl.cli.pipeline import train, validate  # noqa: E402  (registers after `main` exists)
 from flowrl.cli.rewards import rewards, score  # noqa: E402
 from flowrl.cli.toy import toy  # noqa: E402
+from flowrl.cli.evaluate import eval_  # noqa: E402
+from flowrl.cli.export import export_lora  # noqa: E402
 
 main.add_command(train)
 main.add_command(validate)
 main.add_command(toy)
 main.add_command(rewards)
 main.add_command(score)
+main.add_command(export_lora)
+main.add_command(eval_)
