@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.flowrl-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test toy-pretrain toy-baseline clean
+.PHONY: setup demo test toy-pretrain toy-baseline clean design-space design-space-quick
+DS_ARGS ?=
 
 setup: $(STAMP)
 
@@ -32,6 +33,14 @@ toy-pretrain: setup
 # The base scores recorded in README (no CFG and CFG 4.5, 20-step Euler, 4 images per test prompt).
 toy-baseline: setup
 	$(BIN)/flowrl toy sample --cfg 1 --cfg 4.5 --out outputs/toy-baseline
+
+# The paper's design-space study on the toy model (<= 3 h on 2 cores): outputs/design-space/, docs/results.md.
+design-space: setup
+	$(BIN)/python benchmarks/design_space.py $(DS_ARGS)
+
+# Its quick version (<= 30 min, 5 combinations x 1 seed): outputs/design-space-quick/, docs/results-quick.md.
+design-space-quick: setup
+	$(BIN)/python benchmarks/design_space.py --quick $(DS_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
