@@ -92,6 +92,20 @@ class TrainConfig(Strict):
         "stored latents in the training dtype, so the ratio stays exactly 1 at the start. Evaluation "
         "always samples in the model dtype.",
     )
+    max_bad_steps: int = Field(
+        3,
+        gt=0,
+        description="Stop the run with an error after this many optimizer steps in a row were skipped "
+        "because the loss or the gradients were not finite (NaN or inf). A skipped step leaves the "
+        "weights, the optimizer state and the EMA untouched; it is counted in train/skipped_steps.",
+    )
+    on_reward_error: Literal["fail", "drop-group"] = Field(
+        "fail",
+        description="What a reward that raises or returns NaN/inf for some images does to training. "
+        "fail: stop with an error naming the reward and the exception. drop-group: the prompt groups "
+        "holding a failed image get zero advantage and are left out of the logged reward means; the "
+        "failures are counted in reward/<label>/failures and reward/dropped_groups.",
+    )
 
 
 class EvalConfig(Strict):
@@ -315,14 +329,33 @@ def validate_stage(kind: str, section: Any, prefix: tuple, lines: Mapping[tuple,
     if not isinstance(name, str):
         known = ", ".join(registry.names(kind))
         return None, [Issue(key + ".kind", f"missing 'kind'; choose one of: {known}", line)]
+    kind_line = _line_of(lines, prefix + ("kind",))
     try:
         cls = registry.lookup(kind, name)
     except FlowrlError as err:
-        return None, [Issue(key + ".kind", str(err), _line_of(lines, prefix + ("kind",)))]
+        return None, [Issue(key + ".kind", str(err), kind_line)]
+    except Exception as err:  # importing a user's "package.module:Class" runs their code
+        return None, [Issue(key + ".kind", _user_stage_problem(kind, name, err), kind_line)]
+    config_model = getattr(cls, "Config", None)
+    if not (isinstance(config_model, type) and issubclass(config_model, BaseModel)):
+        return None, [Issue(key + ".kind", f"{kind} {name!r} has no pydantic `Config` model; see flowrl/registry.py", kind_line)]
     try:
-        return cls.Config.model_validate(section), []
+        return config_model.model_validate(section), []
     except ValidationError as err:
-        return None, issues_from_validation(err, cls.Config, prefix, lines)
+        return None, issues_from_validation(err, config_model, prefix, lines)
+    except Exception as err:  # a user Config's own validator may raise anything
+        return None, [Issue(key, f"the Config of {kind} {name!r} failed: {type(err).__name__}: {err}", line)]
+
+
+def _user_stage_problem(kind: str, name: str, err: Exception) -> str:
+    """What went wrong importing a user stage "package.module:Class", and how to fix it."""
+    module, _, attr = name.partition(":")
+    if not module or not attr:
+        return f"{name!r} is not a user {kind} path; write it as 'package.module:Class' (both parts non-empty)"
+    return (
+        f"importing user {kind} {name!r} failed: {type(err).__name__}: {err}. Fix the module, or give "
+        "the path as 'package.module:Class' with the package importable (installed or on PYTHONPATH)"
+    )
 
 
 @dataclass(frozen=True)
@@ -380,6 +413,7 @@ def resolve(data: dict, file: str = "<pipeline>", lines: Mapping[tuple, int] | N
         for dup in sorted({n for n in labels if labels.count(n) > 1}):
             issues.append(Issue("rewards", f"two rewards are labelled {dup!r}; give each a distinct `name`", _line_of(lines, ("rewards",))))
     stages["rewards"] = tuple(rewards)
+    issues += _nonfinite_issues(config, stages, lines)
     if issues or config is None:
         raise ConfigError(file, _dedupe(issues))
     from flowrl.graph import check_graph
@@ -389,6 +423,33 @@ def resolve(data: dict, file: str = "<pipeline>", lines: Mapping[tuple, int] | N
     if problems:
         raise ConfigError(file, [Issue(k, m, _line_of(lines, tuple(int(p) if p.isdigit() else p for p in k.split(".")))) for k, m in problems])
     return resolved
+
+
+def _nonfinite_issues(config: PipelineConfig | None, stages: Mapping[str, Any], lines: Mapping[tuple, int]) -> list[Issue]:
+    """A NaN or infinite number anywhere in the validated sections (YAML's .nan/.inf, or "inf"
+    which pydantic reads as a float): no setting means anything with one."""
+    import math
+
+    parts: list[tuple[tuple, Any]] = []
+    if config is not None:
+        exclude = {**{name: True for name in (*STAGE_SECTIONS, "rewards")}, "eval": {"sampler"}}
+        parts.append(((), config.model_dump(exclude=exclude)))
+    for name in STAGE_SECTIONS:
+        if stages.get(name) is not None:
+            parts.append(((name,), stages[name].model_dump()))
+    if stages.get("eval_sampler") is not None:
+        parts.append((("eval", "sampler"), stages["eval_sampler"].model_dump()))
+    for i, reward in enumerate(stages.get("rewards", ())):
+        if reward is not None:
+            parts.append((("rewards", i), reward.model_dump()))
+    issues = []
+    for prefix, data in parts:
+        for key, value in flatten_config(data).items():
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                loc = prefix + tuple(int(k) if k.isdigit() else k for k in key.split("."))
+                issues.append(Issue(".".join(map(str, loc)), f"must be a finite number, found {value!r}; write a finite value", _line_of(lines, loc)))
+    return issues
 
 
 def _dedupe(issues: list[Issue]) -> list[Issue]:
@@ -413,3 +474,77 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> ResolvedPi
     data, lines = read_yaml(path.read_text(), str(path))
     data = apply_overrides(data, overrides)
     return resolve(data, str(path), lines)
+
+
+# ------------------------------------------------------------------------------ comparing configs
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setting that differs between two resolved pipelines.
+
+    Attributes:
+        key: dotted key, list items by index (``rewards.0.weight``).
+        old: the value before (meaningless when ``added``).
+        new: the value after (meaningless when ``removed``).
+        added: the key exists only in the new pipeline.
+        removed: the key exists only in the old pipeline.
+    """
+
+    key: str
+    old: Any = None
+    new: Any = None
+    added: bool = False
+    removed: bool = False
+
+    def format(self) -> str:
+        """``key: old -> new`` with values as compact JSON (``(absent)`` for a missing side)."""
+        before = "(absent)" if self.added else _compact(self.old)
+        after = "(absent)" if self.removed else _compact(self.new)
+        return f"{self.key}: {before} -> {after}"
+
+
+def _compact(value: Any) -> str:
+    import json
+
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings (and lists of mappings) as {dotted key: leaf value}.
+
+    Lists of mappings are walked by index (``rewards.0.kind``); other lists (``optimizer.betas``)
+    and tuples are leaves, compared as lists.
+    """
+    out: dict[str, Any] = {}
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            out.update(flatten_config(v, f"{prefix}{k}."))
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(x, Mapping) for x in data):
+        for i, v in enumerate(data):
+            out.update(flatten_config(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = list(data) if isinstance(data, tuple) else data
+    return out
+
+
+def diff_configs(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Change]:
+    """Every leaf setting that differs between two pipelines given as plain data (e.g. two
+    ``ResolvedPipeline.to_dict()``), in the order of `new` then keys only `old` has."""
+    a, b = flatten_config(old), flatten_config(new)
+    changes = []
+    for key, value in b.items():
+        if key not in a:
+            changes.append(Change(key, new=value, added=True))
+        elif _normal(a[key]) != _normal(value):
+            changes.append(Change(key, a[key], value))
+    changes += [Change(key, old=value, removed=True) for key, value in a.items() if key not in b]
+    return changes
+
+
+def _normal(value: Any) -> Any:
+    """Tuples and lists compare equal; 1 and 1.0 compare equal (YAML may write either)."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    return value

@@ -10,3 +10,15 @@ class FlowrlError(Exception):
 
 class ModelNotFoundError(FlowrlError, FileNotFoundError):
     """A model folder or hub id that cannot be loaded offline."""
+
+
+class ResumeError(FlowrlError):
+    """`--resume` cannot continue the run as asked (no checkpoint, or a changed pipeline)."""
+
+
+class NumericalError(FlowrlError):
+    """Training stopped because too many optimizer steps in a row had non-finite loss or gradients."""
+
+
+class RewardError(FlowrlError):
+    """A reward raised or returned non-finite scores and `train.on_reward_error` says to stop."""

@@ -12,7 +12,13 @@ Run folder layout (other tools rely on it)::
     OUT/pipeline.yaml             resolved configuration (every default filled in)
     OUT/metrics.jsonl             one JSON object per epoch
     OUT/checkpoints/epoch-N/      policy/old/ema adapters, optimizer, trainer state
+    OUT/checkpoints/latest        the name of the newest complete checkpoint folder ("epoch-N")
     OUT/samples/epoch-N.png       sample grid at each evaluation
+
+Reliability (docs/reliability.md): every file a resume reads is written atomically (temp + fsync +
+rename), so a run killed at any moment resumes to exactly what an uninterrupted run computes; the
+first SIGTERM/SIGINT finishes the epoch and checkpoints; non-finite steps are skipped and counted;
+reward failures follow `train.on_reward_error`, never a silent zero.
 """
 
 from __future__ import annotations
@@ -20,27 +26,41 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import threading
 import time
+import traceback
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import yaml
 
 from flowrl import registry
-from flowrl.config import ResolvedPipeline
-from flowrl.errors import FlowrlError
+from flowrl.config import Change, ResolvedPipeline, diff_configs
+from flowrl.errors import FlowrlError, NumericalError, ResumeError, RewardError
 from flowrl.policy import ADAPTERS, FlowPolicy
-from flowrl.prompts import PromptSet, load_prompt_set
-from flowrl.rewards.mix import RewardMix, mix_advantages, mix_metrics
-from flowrl.types import Conditioning, PromptBatch, Rollout
+from flowrl.prompts import PromptSet, load_prompt_set, resolve_prompt_path
+from flowrl.rewards.base import as_float_images, check_batch
+from flowrl.rewards.mix import RewardMix, check_part, combine, mix_advantages, mix_metrics
+from flowrl.types import Conditioning, PromptBatch, RewardOutput, Rollout
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+#: File in CHECKPOINTS naming the newest complete checkpoint folder, e.g. "epoch-12".
+LATEST = "latest"
+#: Test hook, not a setting: seconds to pause in the middle of writing a checkpoint, so that tests
+#: can kill the process while a checkpoint is half written.
+CHECKPOINT_PAUSE_ENV = "FLOWRL_TEST_CHECKPOINT_PAUSE"
+#: Prefixes of the scratch entries a checkpoint write leaves behind only when it is killed.
+_SCRATCH = (".tmp-", ".old-", ".trash-", f".{LATEST}.tmp")
 
 
 def derive_seed(*parts: int) -> int:
@@ -153,47 +173,453 @@ def rollout_autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
-class Trainer:
-    """Runs a resolved pipeline into a run folder."""
+# ------------------------------------------------------------------------- files that survive a kill
 
-    def __init__(self, pipeline: ResolvedPipeline, out: Path | None = None, resume: bool = False, log: Callable[[str], None] = print):
+
+def fsync_path(path: Path) -> None:
+    """Flush a file (its bytes) or a folder (its entries) to the disk, where the OS allows it."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # folders cannot be opened on some platforms (Windows); nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a reader (or a kill) sees the old or the new file, never a
+    torn one: write a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder without ever leaving a half-deleted folder under its name: rename it to a
+    scratch name first (atomic), then delete that."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_scratch(root: Path) -> None:
+    """Delete what killed checkpoint writes left in `root` (dot-named, never read by a resume)."""
+    for entry in root.iterdir():
+        if entry.name.startswith(_SCRATCH):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _pause_for_tests() -> None:
+    seconds = os.environ.get(CHECKPOINT_PAUSE_ENV)
+    if seconds:
+        time.sleep(float(seconds))
+
+
+def checkpoint_epoch(name: str) -> int | None:
+    """'epoch-12' -> 12; anything else -> None."""
+    match = re.fullmatch(r"epoch-(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def _is_complete(folder: Path) -> bool:
+    # The trainer state is the last file written into the temporary folder before the rename.
+    return (folder / STATE_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------- resume policy
+
+#: Settings a resume may change freely: they do not change what the run learns (train.epochs only
+#: lengthens or shortens the schedule; with a cosine schedule the remaining epochs follow the new one).
+RESUME_FREE = (
+    "name", "output", "train.epochs", "train.threads", "train.max_bad_steps", "train.on_reward_error",
+    "model.gradient_checkpointing", "prompts.test", "eval", "logging", "checkpoint",
+)
+#: Settings no resume may change, not even with --allow-changes: the saved adapters have their shape.
+RESUME_FIXED = ("model.lora",)
+
+ResumeCategory = Literal["free", "guarded", "fixed"]
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_category(key: str) -> ResumeCategory:
+    """How a resume treats a change of the dotted `key`: "free" (always allowed), "fixed" (never),
+    or "guarded" (it changes what the run learns: only with --allow-changes)."""
+    if _under(key, RESUME_FIXED):
+        return "fixed"
+    if _under(key, RESUME_FREE):
+        return "free"
+    return "guarded"
+
+
+def check_resume_changes(changes: Sequence[Change], allow_changes: bool, run: Path) -> None:
+    """Refuse a resume whose pipeline differs from the run's in a way that is not allowed.
+
+    Args:
+        changes: the differences between the run's pipeline.yaml (old) and the new pipeline.
+        allow_changes: the user passed --allow-changes.
+        run: the run folder (for the message).
+
+    Raises:
+        ResumeError: a change of a fixed setting, or of a guarded one without `allow_changes`;
+            the message lists each as ``key: old -> new`` and says how to proceed.
+    """
+    fixed = [c for c in changes if resume_category(c.key) == "fixed"]
+    guarded = [c for c in changes if resume_category(c.key) == "guarded"]
+    saved = run / "pipeline.yaml"
+    if fixed:
+        raise ResumeError(
+            f"--resume: the pipeline changes the LoRA adapters of the run in {run} ({saved}):\n"
+            + "".join(f"  {c.format()}\n" for c in fixed)
+            + "The saved adapters have the old shape, so this cannot be resumed, not even with "
+            "--allow-changes. Undo the change, or start a new run in another folder (--out NEW_FOLDER)."
+        )
+    if guarded and not allow_changes:
+        raise ResumeError(
+            f"--resume: the pipeline differs from the one the run in {run} was trained with ({saved}), "
+            "in settings that change what it learns:\n"
+            + "".join(f"  {c.format()}\n" for c in guarded)
+            + "Continuing would mix two experiments in one run. To proceed, either undo these changes "
+            f"(the run's settings are in {saved}), start a new run in another folder (--out NEW_FOLDER), "
+            "or, if you mean to change the experiment midway (e.g. a curriculum), pass --allow-changes: the "
+            "run then continues with the new settings and keeps the old ones as pipeline.before-epoch-N.yaml. "
+            "Changes of train.epochs, eval, logging and checkpoint settings are always allowed."
+        )
+
+
+def read_run_pipeline(run: Path) -> dict:
+    """The resolved pipeline a run folder was started with (OUT/pipeline.yaml), as plain data.
+
+    Raises:
+        ResumeError: the file is missing or is not a YAML mapping.
+    """
+    path = run / "pipeline.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ResumeError(
+            f"--resume: cannot read the run's settings {path} ({type(err).__name__}: {err}); --resume checks "
+            "that the pipeline did not change. Restore the file, or pass --allow-changes to continue with "
+            "the pipeline given now"
+        ) from None
+    if not isinstance(data, dict):
+        raise ResumeError(f"--resume: {path} is not a mapping of settings; restore it, or pass --allow-changes")
+    return data
+
+
+def plain(data: Any) -> Any:
+    """Data as a YAML round trip gives it back (tuples become lists), for comparison with a file."""
+    return yaml.safe_load(yaml.safe_dump(data, sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------- signals
+
+
+class StopSignals:
+    """While active, the first SIGTERM or SIGINT asks the trainer to stop after the current epoch
+    (it is checkpointed first); a second one ends the process at once by that signal. An abort is
+    safe because every file a resume reads is written atomically.
+
+    Attributes:
+        requested: the name of the first signal received ("SIGTERM"), or None.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested is not None:
+            os.write(2, f"\n{name} again: aborting now; the last complete checkpoint is intact\n".encode())
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = name
+        self.log(f"{name} received: finishing the current epoch, then writing a checkpoint (send it again to abort at once)")
+
+
+# ----------------------------------------------------------------------------- reward failures
+
+
+def describe_error(err: BaseException) -> str:
+    """'ValueError: boom (at rewards.py:12 in __call__)': the exception and where it was raised."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(err).__name__}: {err}{where}"
+
+
+def _check_shapes(label: str, out: Any, batch: int) -> None:
+    """The reward contract's shape checks (non-finite scores are a failure handled by policy)."""
+    if isinstance(out, RewardOutput):
+        out = replace(out, scores=torch.nan_to_num(out.scores.float(), nan=0.0, posinf=0.0, neginf=0.0))
+    check_part(label, out, batch)
+
+
+def _score_each_image(reward, label: str, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[object]) -> tuple[RewardOutput, list[str]]:
+    """Score one image at a time, so that the images a reward cannot score are found.
+
+    Returns:
+        The output [B] (NaN score and details for images that raised) and a description of each
+        error.
+    """
+    scores, details, errors, failures = [], [], [], 0
+    for i in range(images.shape[0]):
+        try:
+            out = reward(images[i : i + 1], prompts[i : i + 1], metadata[i : i + 1] if metadata else ())
+            _check_shapes(label, out, 1)
+        except FlowrlError:
+            raise
+        except Exception as err:
+            scores.append(float("nan"))
+            details.append({})
+            errors.append(describe_error(err))
+            continue
+        scores.append(float(out.scores[0]))
+        details.append({k: float(v[0]) for k, v in out.details.items()})
+        failures += out.failures
+    names = list(dict.fromkeys(k for d in details for k in d))
+    merged = {k: torch.tensor([d.get(k, float("nan")) for d in details]) for k in names}
+    return RewardOutput(torch.tensor(scores, dtype=torch.float32), merged, failures), errors
+
+
+def score_reward(reward, label: str, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[object], on_error: str) -> tuple[RewardOutput, torch.Tensor, list[str]]:
+    """One reward on a batch, with its failures found and the failure policy applied.
+
+    A reward that raises on the batch is, under drop-group, run again one image at a time to find
+    the images it cannot score. A FlowrlError (a setup problem, e.g. missing weights) always stops.
+
+    Args:
+        reward: the reward stage.
+        label: its label in metrics.
+        images: float32 [B, 3, H, W] in [0, 1].
+        prompts: B prompts.
+        metadata: B records, or empty.
+        on_error: "fail" or "drop-group" (train.on_reward_error).
+
+    Returns:
+        (output with scores [B] (NaN where failed), failed bool [B], error descriptions).
+
+    Raises:
+        RewardError: under "fail", naming the reward, the error (or the NaN count) and the fix.
+    """
+    n = images.shape[0]
+    fix = "fix the reward, or set train.on_reward_error: drop-group to train on the other groups"
+    try:
+        out = reward(images, prompts, metadata)
+        errors: list[str] = []
+    except FlowrlError:
+        raise
+    except Exception as err:
+        if on_error == "fail":
+            raise RewardError(f"reward {label!r} raised {describe_error(err)} while scoring {n} images; {fix}") from err
+        out, errors = _score_each_image(reward, label, images, prompts, metadata)
+    else:
+        _check_shapes(label, out, n)
+    failed = ~torch.isfinite(out.scores.float())
+    if on_error == "fail" and bool(failed.any()):
+        first = int(torch.nonzero(failed)[0])
+        raise RewardError(
+            f"reward {label!r} returned {int(failed.sum())} non-finite score(s) (NaN or inf) out of {n} "
+            f"(first: image {first}, prompt {prompts[first]!r}); {fix}"
+        )
+    return out, failed, errors
+
+
+def whole_groups(failed: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """bool [B]: True for every image whose group holds at least one failed image.
+
+    Args:
+        failed: bool [B].
+        group_ids: int [B].
+    """
+    bad_groups = torch.unique(group_ids[failed])
+    return torch.isin(group_ids, bad_groups)
+
+
+def subset_output(out: RewardOutput, idx: torch.Tensor) -> RewardOutput:
+    """A reward output restricted to the images at `idx` (int64 [b])."""
+    return RewardOutput(out.scores[idx], {k: v[idx] for k, v in out.details.items()}, out.failures)
+
+
+# ------------------------------------------------------------------------------ numeric guards
+
+
+def grads_finite(params: Sequence[torch.Tensor]) -> bool:
+    """Whether every gradient of `params` is finite (parameters without a gradient count as finite)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)))
+
+
+def check_text_encoding(spec: str, key: str) -> None:
+    """Refuse a prompt file that is not UTF-8, naming the line of the first undecodable byte.
+
+    Raises:
+        FlowrlError: with file:line, the byte, and how to fix it.
+    """
+    try:
+        path = resolve_prompt_path(spec)
+        raw = path.read_bytes()
+    except (FlowrlError, OSError):
+        return  # load_prompt_set reports a missing file with its own message
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise FlowrlError(
+            f"{key}: {path}:{line}: byte 0x{raw[err.start]:02x} at column {column} is not UTF-8 text; save the "
+            "file as UTF-8 (one prompt per line) or remove the line"
+        ) from None
+
+
+def load_prompts(spec: str, key: str) -> PromptSet:
+    """`load_prompt_set` with the pipeline key in the message and encoding problems located.
+
+    Raises:
+        FlowrlError: naming `key` (e.g. "prompts.train"), the file and line, and the fix.
+    """
+    check_text_encoding(spec, key)
+    try:
+        return load_prompt_set(spec)
+    except FlowrlError as err:
+        raise FlowrlError(f"{key}: {err}") from None
+
+
+class Trainer:
+    """Runs a resolved pipeline into a run folder.
+
+    Args:
+        pipeline: the validated pipeline.
+        out: the run folder (default: the pipeline's `output`).
+        resume: continue the run in `out` from its latest complete checkpoint (or from the start
+            when it was stopped before its first checkpoint).
+        log: where progress lines go.
+        allow_changes: with `resume`, accept a pipeline that differs from the run's in settings
+            that change what it learns (see `resume_category`).
+
+    Attributes:
+        stopped_by: after `run`, the signal that stopped it early ("SIGTERM"), or None.
+        stopped_at: the last epoch completed (and checkpointed) when stopped early, else None.
+    """
+
+    def __init__(
+        self,
+        pipeline: ResolvedPipeline,
+        out: Path | None = None,
+        resume: bool = False,
+        log: Callable[[str], None] = print,
+        allow_changes: bool = False,
+    ):
         self.p = pipeline
         self.cfg = pipeline.config
         self.out = Path(out or self.cfg.output)
         self.resume = resume
+        self.allow_changes = allow_changes
         self.log = log
+        self.skipped_total = 0  # optimizer steps skipped for non-finite values, whole run
+        self.bad_in_a_row = 0  # consecutive skipped steps (train.max_bad_steps)
+        self.stopped_by: str | None = None
+        self.stopped_at: int | None = None
+        self._changes: list[Change] = []
+        self._saved_pipeline: dict | None = None
 
     # ------------------------------------------------------------------------------------ setup
 
     def _check_folder(self) -> int:
-        """Check the run folder before anything is loaded; returns the first epoch to run."""
+        """Check the run folder before anything is loaded; returns the first epoch to run.
+
+        Raises:
+            FlowrlError: a new run into a folder that holds one; --allow-changes without --resume.
+            ResumeError: --resume without a run to resume, or with a pipeline that changed.
+        """
         cfg_file = self.out / "pipeline.yaml"
-        if self.resume:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                raise FlowrlError(f"--resume: no complete checkpoint in {self.out / CHECKPOINTS}; start without --resume")
-            return ckpt[0] + 1
-        if cfg_file.exists() or (self.out / CHECKPOINTS).exists():
-            raise FlowrlError(
-                f"{self.out} already holds a run; pass --resume to continue it, or choose another output "
-                f"(output=... on the command line)"
-            )
-        return 0
+        if not self.resume:
+            if self.allow_changes:
+                raise FlowrlError("--allow-changes only applies to --resume (it accepts a changed pipeline for a resumed run)")
+            if cfg_file.exists() or (self.out / CHECKPOINTS).exists():
+                raise FlowrlError(
+                    f"{self.out} already holds a run; pass --resume to continue it, or choose another output "
+                    f"(--out NEW_FOLDER, or output=... on the command line)"
+                )
+            return 0
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None and not cfg_file.is_file():
+            raise ResumeError(f"--resume: no complete checkpoint in {self.out / CHECKPOINTS}; start without --resume")
+        try:
+            self._saved_pipeline = read_run_pipeline(self.out)
+        except ResumeError:
+            if not self.allow_changes:
+                raise
+            self.log(f"--allow-changes: {cfg_file} is missing or unreadable; continuing with the pipeline given now")
+        if self._saved_pipeline is not None:
+            self._changes = diff_configs(self._saved_pipeline, plain(self.p.to_dict()))
+            check_resume_changes(self._changes, self.allow_changes, self.out)
+        return 0 if ckpt is None else ckpt[0] + 1
 
     def _start_folder(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "pipeline.yaml").write_text(yaml.safe_dump(self.p.to_dict(), sort_keys=False))
+        write_atomic(self.out / "pipeline.yaml", yaml.safe_dump(self.p.to_dict(), sort_keys=False))
+
+    def _record_changes(self, start: int) -> None:
+        """After a resume with a changed pipeline: keep the old settings, write the new ones."""
+        if not self._changes:
+            if self.resume and self._saved_pipeline is None:  # lost or unreadable, resumed with --allow-changes
+                self._start_folder()
+            return
+        self.log("resuming with changed settings:\n" + "\n".join(f"  {c.format()}" for c in self._changes))
+        old_epochs = (self._saved_pipeline or {}).get("train", {}).get("epochs")
+        o = self.cfg.optimizer
+        if start > 0 and o.schedule != "constant" and isinstance(old_epochs, int) and old_epochs != self.cfg.train.epochs:
+            before = learning_rate(start - 1, old_epochs, o.lr, o.schedule, o.warmup_epochs, o.min_lr_ratio)
+            after = learning_rate(start, self.cfg.train.epochs, o.lr, o.schedule, o.warmup_epochs, o.min_lr_ratio)
+            self.log(f"note: the {o.schedule} learning-rate schedule now spans {self.cfg.train.epochs} epochs: lr {before:.3g} at epoch {start - 1} -> {after:.3g} at epoch {start}")
+        if self._saved_pipeline is not None:
+            write_atomic(self.out / f"pipeline.before-epoch-{start}.yaml", yaml.safe_dump(self._saved_pipeline, sort_keys=False))
+        write_atomic(self.out / "pipeline.yaml", yaml.safe_dump(self.p.to_dict(), sort_keys=False))
 
     def _setup(self) -> None:
         c = self.cfg
+        # Prompt files first: a typo there should not wait for the model to load.
+        self.train_set = load_prompts(c.prompts.train, "prompts.train")
+        self.test_set = load_prompts(c.prompts.test, "prompts.test")
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
         torch.manual_seed(c.train.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.policy = FlowPolicy.from_config(c.model, self.device, seed=c.train.seed)
         self.stages = build_stages(self.p)
-        self.train_set = load_prompt_set(c.prompts.train)
-        self.test_set = load_prompt_set(c.prompts.test)
         o = c.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
         self.with_negative = _uses_cfg(self.p.sampler, self.p.eval_sampler, self.p.estimator)
@@ -211,19 +637,46 @@ class Trainer:
     # ------------------------------------------------------------------------------------- loop
 
     def run(self) -> Path:
+        """Train from the first epoch still to run to `train.epochs`; returns the run folder.
+
+        The first SIGTERM/SIGINT stops after the current epoch, checkpointed (see `stopped_by`).
+
+        Raises:
+            FlowrlError: bad input (folder, prompts, model), a refused resume, a reward failure
+                under `on_reward_error: fail`, or too many non-finite steps in a row.
+        """
         start = self._check_folder()
-        self._setup()
-        if start == 0:
-            self._start_folder()
-        else:
-            self._load_checkpoint(self.out / CHECKPOINTS / f"epoch-{start - 1}")
-            truncate_metrics(self.out / "metrics.jsonl", start - 1)
-            self.log(f"resumed from epoch {start - 1}")
         epochs = self.cfg.train.epochs
+        if start >= epochs:
+            self.log(f"nothing to do: the run in {self.out} already finished epoch {start - 1} of train.epochs={epochs}; raise train.epochs to train longer")
+            return self.out
+        with StopSignals(self.log) as stop:
+            self._setup()
+            if start == 0:
+                if self.resume:
+                    self.log(f"no checkpoint in {self.out} yet: starting the run again from epoch 0")
+                    (self.out / "metrics.jsonl").unlink(missing_ok=True)
+                self._start_folder()
+            else:
+                self._load_checkpoint(self.out / CHECKPOINTS / f"epoch-{start - 1}")
+                truncate_metrics(self.out / "metrics.jsonl", start - 1)
+                self.log(f"resumed from epoch {start - 1}")
+            self._record_changes(start)
+            self._loop(start, epochs, stop)
+        if self.writer is not None:
+            self.writer.close()
+        return self.out
+
+    def _loop(self, start: int, epochs: int, stop: StopSignals) -> None:
         from flowrl.progress import count_progress
 
+        if stop.requested:
+            self.stopped_by = stop.requested
+            self.log(f"{stop.requested}: stopped before training started; nothing new to save")
+            return
         if start == 0 and self.cfg.eval.every:
             self._write_metrics({"epoch": -1, **self.evaluate(-1)})
+        self.log(f"training epochs {start}..{epochs - 1} into {self.out}")
         with count_progress("train epochs", epochs - start) as advance:
             for epoch in range(start, epochs):
                 metrics = self.train_epoch(epoch)
@@ -237,31 +690,125 @@ class Trainer:
                     from flowrl.plots import plot_run
 
                     plot_run(self.out / "metrics.jsonl", self.out / "curves.png", title=self.cfg.name)
-                if (self.cfg.checkpoint.every and (epoch + 1) % self.cfg.checkpoint.every == 0) or last:
+                stopping = stop.requested is not None
+                if (self.cfg.checkpoint.every and (epoch + 1) % self.cfg.checkpoint.every == 0) or last or stopping:
                     self._save_checkpoint(epoch)
                 advance(1)
-        if self.writer is not None:
-            self.writer.close()
-        return self.out
+                if stopping and not last:
+                    self.stopped_by, self.stopped_at = stop.requested, epoch
+                    self.log(f"{stop.requested}: stopped after epoch {epoch}; checkpoint {self.out / CHECKPOINTS / f'epoch-{epoch}'}")
+                    return
 
     def _pick_prompts(self, epoch: int) -> PromptBatch:
         c = self.cfg
         n_prompts = c.train.batch_size // c.prompts.group_size
         rng = np.random.default_rng(derive_seed(c.train.seed, epoch, 1))
-        replace = n_prompts > len(self.train_set)
-        chosen = rng.choice(len(self.train_set), size=n_prompts, replace=replace)
+        replace_ = n_prompts > len(self.train_set)
+        chosen = rng.choice(len(self.train_set), size=n_prompts, replace=replace_)
         idx = np.repeat(chosen, c.prompts.group_size)
         meta = [self.train_set.metadata[i] for i in idx] if self.train_set.metadata else ()
         groups = torch.from_numpy(np.repeat(np.arange(n_prompts), c.prompts.group_size))
         return PromptBatch([self.train_set.prompts[i] for i in idx], groups, meta)
 
-    def score(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float], dict]:
+    def score(self, rollout: Rollout, epoch: int | None = None) -> tuple[torch.Tensor, dict[str, float], dict]:
         """Every reward of the mix on the rollout's images -> advantages [B], logged means, and
-        the raw output of each reward by label."""
+        the raw output of each reward by label (over the images kept for training).
+
+        Failures follow `train.on_reward_error`: "fail" raises; "drop-group" gives every image of a
+        group holding a failed image advantage 0 and leaves the group out of the means. Either
+        way `reward/<label>/failures` counts the images each reward could not score.
+
+        Raises:
+            RewardError: a failure under "fail", or under "drop-group" one in every group.
+        """
         batch = rollout.batch
-        out = self.stages.rewards(rollout.images, batch.prompts, batch.metadata)
-        adv = mix_advantages(out, self.cfg.train.reward_aggregation, lambda r: self.stages.advantage(r, batch.group_ids))
-        return adv, mix_metrics(out), dict(out.parts)
+        mix, policy = self.stages.rewards, self.cfg.train.on_reward_error
+        images = as_float_images(rollout.images)
+        check_batch(images, batch.prompts, batch.metadata)
+        parts, failures = {}, {}
+        failed = torch.zeros(images.shape[0], dtype=torch.bool)
+        where = f"epoch {epoch}: " if epoch is not None else ""
+        for label, reward in zip(mix.configs, mix.rewards, strict=True):
+            out, bad, errors = score_reward(reward, label, images, batch.prompts, batch.metadata, policy)
+            parts[label] = out
+            failed |= bad.cpu()
+            failures[label] = out.failures + int(bad.sum())
+            if bool(bad.any()):
+                why = f" ({errors[0]}{f' and {len(errors) - 1} more' if len(errors) > 1 else ''})" if errors else " (non-finite scores)"
+                self.log(f"{where}reward {label!r} failed on {int(bad.sum())} of {len(bad)} images{why}")
+        dropped = whole_groups(failed, batch.group_ids.cpu())
+        n_groups = int(torch.unique(batch.group_ids).numel())
+        n_dropped = int(torch.unique(batch.group_ids.cpu()[dropped]).numel())
+        if n_dropped == n_groups:
+            raise RewardError(
+                f"{where}the rewards failed on images of every one of the {n_groups} prompt groups, so nothing is "
+                "left to learn from (train.on_reward_error: drop-group); see the failures logged above and fix the reward"
+            )
+        if n_dropped:
+            self.log(f"{where}dropped {n_dropped} of {n_groups} prompt groups (zero advantage, left out of reward means)")
+        keep = torch.nonzero(~dropped).flatten()
+        out = combine({k: subset_output(o, keep) for k, o in parts.items()}, mix.configs)
+        group_ids = batch.group_ids[keep.to(batch.group_ids.device)]
+        kept_adv = mix_advantages(out, self.cfg.train.reward_aggregation, lambda r: self.stages.advantage(r, group_ids))
+        adv = torch.zeros(images.shape[0], dtype=kept_adv.dtype, device=kept_adv.device)
+        adv[keep.to(kept_adv.device)] = kept_adv
+        metrics = mix_metrics(out)
+        metrics |= {f"reward/{k}/failures": n for k, n in failures.items()}
+        metrics["reward/dropped_groups"] = n_dropped
+        return adv, metrics, dict(out.parts)
+
+    def _step(self, rollout: Rollout, adv: torch.Tensor, step_idx: torch.Tensor, epoch: int, step: int) -> tuple[dict[str, float], float | None, str | None]:
+        """Accumulate the gradient of one optimizer step, term by term.
+
+        Returns:
+            (metric sums of the step, the clipped gradient norm, None) when every loss and
+            gradient was finite; else ({}, None, what went wrong and where).
+        """
+        c = self.cfg
+        kl_cfg = getattr(self.p.objective, "kl", None)
+        per_step = len(step_idx)
+        params = self.policy.trainable_parameters()
+        sums: dict[str, float] = defaultdict(float)
+        self.optimizer.zero_grad(set_to_none=True)
+        for m in range(0, per_step, c.train.micro_batch):
+            idx = step_idx[m : m + c.train.micro_batch]
+            sub = rollout.subset(idx)
+            gen = torch.Generator(device="cpu").manual_seed(derive_seed(c.train.seed, epoch, 4, step, m))
+            for j, terms in enumerate(self.stages.estimator(sub, self.policy, kl_cfg, gen)):
+                out = self.stages.objective(terms, adv[idx])
+                where = (
+                    f"micro-batch {m // c.train.micro_batch} (images {m}..{m + len(idx) - 1} of the step), "
+                    f"term {j} (mean t={float(terms.t.float().mean()):.3g}) of objective {self.p.objective.kind!r}"
+                )
+                if not bool(torch.isfinite(out.loss.detach())):
+                    return {}, None, f"non-finite loss ({float(out.loss.detach()):g}) in {where}"
+                (out.loss * (len(idx) / per_step)).backward()
+                if not grads_finite(params):
+                    return {}, None, f"non-finite gradient from the backward pass of {where}"
+                for k, v in out.metrics.items():
+                    sums[k] += float(v) * terms.weight * len(idx) / per_step
+        norm = torch.nn.utils.clip_grad_norm_(params, c.optimizer.grad_clip)
+        if not bool(torch.isfinite(norm)):
+            return {}, None, f"non-finite gradient norm ({float(norm):g})"
+        return dict(sums), float(norm), None
+
+    def _skip(self, epoch: int, step: int, why: str) -> None:
+        """Count a skipped step; raise once `train.max_bad_steps` steps in a row were skipped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_total += 1
+        self.bad_in_a_row += 1
+        limit = self.cfg.train.max_bad_steps
+        self.log(f"epoch {epoch} step {step}: skipped the update: {why} ({self.bad_in_a_row} in a row; train.max_bad_steps: {limit})")
+        if self.bad_in_a_row >= limit:
+            found = latest_checkpoint(self.out)
+            ckpt = f"the last checkpoint is {found[1]}" if found else "no checkpoint was written yet"
+            raise NumericalError(
+                f"training stopped at epoch {epoch} step {step}: {self.bad_in_a_row} optimizer steps in a row had "
+                f"non-finite loss or gradients (train.max_bad_steps: {limit}); the last: {why}. Skipped steps do not "
+                f"change the weights, and {ckpt}. Usual causes: a learning rate too high (optimizer.lr), rewards or "
+                "advantages of a large scale (rewards.*.scale, advantage), or overflow in low precision (model.dtype, "
+                "train.rollout_precision). Fix the cause and continue with --resume, or raise train.max_bad_steps"
+            )
 
     def train_epoch(self, epoch: int) -> dict:
         c = self.cfg
@@ -273,48 +820,42 @@ class Trainer:
         with torch.no_grad(), rollout_autocast(self.device, c.train.rollout_precision):
             rollout = roll_out(self.policy, self.stages.sampler, batch, cond, seeds, c.train.rollout_policy, c.train.micro_batch)
         t_roll = time.perf_counter()
-        adv, metrics, _ = self.score(rollout)
+        adv, metrics, _ = self.score(rollout, epoch)
         adv = adv.to(self.device)
         t_reward = time.perf_counter()
 
-        kl_cfg = getattr(self.p.objective, "kl", None)
         per_step = c.train.batch_size // c.train.steps_per_epoch
         sums: dict[str, float] = defaultdict(float)
-        counts: dict[str, int] = defaultdict(int)
         order = group_order(batch.group_ids, torch.Generator().manual_seed(derive_seed(c.train.seed, epoch, 3)))
-        grad_norms = []
+        grad_norms, skipped = [], 0
         o = c.optimizer
         lr = learning_rate(epoch, c.train.epochs, o.lr, o.schedule, o.warmup_epochs, o.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.policy.activate("policy")
         for step in range(c.train.steps_per_epoch):
-            step_idx = order[step * per_step : (step + 1) * per_step]
-            self.optimizer.zero_grad(set_to_none=True)
-            for m in range(0, per_step, c.train.micro_batch):
-                idx = step_idx[m : m + c.train.micro_batch]
-                sub = rollout.subset(idx)
-                gen = torch.Generator(device="cpu").manual_seed(derive_seed(c.train.seed, epoch, 4, step, m))
-                for terms in self.stages.estimator(sub, self.policy, kl_cfg, gen):
-                    out = self.stages.objective(terms, adv[idx])
-                    (out.loss * (len(idx) / per_step)).backward()
-                    for k, v in out.metrics.items():
-                        sums[k] += float(v) * terms.weight * len(idx) / per_step
-                        counts[k] += 1
-            params = self.policy.trainable_parameters()
-            norm = torch.nn.utils.clip_grad_norm_(params, c.optimizer.grad_clip)
-            if torch.isfinite(norm):
-                self.optimizer.step()
-            grad_norms.append(float(norm))
+            step_sums, norm, bad = self._step(rollout, adv, order[step * per_step : (step + 1) * per_step], epoch, step)
+            if bad is not None:
+                skipped += 1
+                self._skip(epoch, step, bad)
+                continue
+            self.bad_in_a_row = 0
+            self.optimizer.step()
+            grad_norms.append(norm)
+            for k, v in step_sums.items():
+                sums[k] += v
             self.policy.blend_adapter("ema", "policy", c.train.ema_decay)
         decay = min(c.train.old.rate * epoch, c.train.old.max)
         self.policy.blend_adapter("old", "policy", decay)
         t_train = time.perf_counter()
 
+        good = c.train.steps_per_epoch - skipped
         metrics = {"epoch": epoch, **metrics}
-        metrics |= {f"train/{k}": v / c.train.steps_per_epoch for k, v in sums.items()}
+        metrics |= {f"train/{k}": v / good for k, v in sums.items()}
         metrics["loss"] = metrics.pop("train/loss", float("nan"))
-        metrics["train/grad_norm"] = float(np.mean(grad_norms))
+        metrics["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else float("nan")
+        metrics["train/skipped_steps"] = skipped
+        metrics["train/skipped_total"] = self.skipped_total
         metrics["train/old_decay"] = decay
         metrics["train/lr"] = lr
         metrics["advantage/abs_mean"] = float(adv.abs().mean())
@@ -326,7 +867,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
-        """Sample the test prompts with the eval sampler and weights; score with every reward."""
+        """Sample the test prompts with the eval sampler and weights; score with every reward.
+
+        A reward that raises follows `train.on_reward_error`: "fail" stops the run; "drop-group"
+        leaves that reward out of this evaluation and logs `eval/<label>/failures` (all images).
+        """
         c = self.cfg
         t0 = time.perf_counter()
         test = self.test_set
@@ -343,9 +888,21 @@ class Trainer:
         out: dict[str, float] = {}
         marks = None
         for reward in self.stages.rewards:
-            res = reward(rollout.images, batch.prompts, batch.metadata)
             label = reward.config.label
-            summary = reward.eval_summary(res, batch.metadata) if hasattr(reward, "eval_summary") else {"": float(res.scores.mean())}
+            try:
+                res = reward(rollout.images, batch.prompts, batch.metadata)
+                summary = reward.eval_summary(res, batch.metadata) if hasattr(reward, "eval_summary") else {"": float(res.scores.mean())}
+            except FlowrlError:
+                raise
+            except Exception as err:
+                if c.train.on_reward_error == "fail":
+                    raise RewardError(
+                        f"reward {label!r} raised {describe_error(err)} while evaluating epoch {epoch}; fix the reward, or "
+                        "set train.on_reward_error: drop-group to skip a failing reward's evaluation"
+                    ) from err
+                self.log(f"evaluation of epoch {epoch}: reward {label!r} failed ({describe_error(err)}); left out of this evaluation")
+                out[f"eval/{label}/failures"] = len(idx)
+                continue
             for key, value in summary.items():
                 out[f"eval/{label}" + (f"/{key}" if key else "")] = value
             if "strict" in res.details and marks is None:
@@ -362,35 +919,60 @@ class Trainer:
     def _write_metrics(self, metrics: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if self.writer is not None:
             for k, v in metrics.items():
                 if k != "epoch" and isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, metrics["epoch"])
 
     def _save_checkpoint(self, epoch: int) -> Path:
+        """Write checkpoints/epoch-N so that it exists only once complete, point `latest` at it,
+        then delete checkpoints beyond `checkpoint.keep_last`.
+
+        Order (each step atomic, so a kill at any point leaves a consistent folder): files into a
+        temporary folder, fsync each and the folder, rename to epoch-N, fsync checkpoints/, rewrite
+        `latest`, prune. Scratch left by a killed write is dot-named and removed by the next write.
+        """
         from safetensors.torch import save_file
 
         root = self.out / CHECKPOINTS
         root.mkdir(parents=True, exist_ok=True)
+        _remove_scratch(root)
         final = root / f"epoch-{epoch}"
         tmp = root / f".tmp-epoch-{epoch}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         tmp.mkdir()
         meta = {"epoch": str(epoch), "base_model": self.cfg.model.path, "rank": str(self.cfg.model.lora.rank), "alpha": str(self.cfg.model.lora.alpha)}
         for name in ADAPTERS:
             state = {k: v.contiguous().cpu() for k, v in self.policy.adapter_state(name).items()}
             save_file(state, tmp / f"{name}.safetensors", metadata=meta)
+        _pause_for_tests()
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        state = {"epoch": epoch, "torch_rng": torch.get_rng_state().tolist()}
-        (tmp / STATE_FILE).write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic: a checkpoint folder exists only once complete
-        keep = sorted((p for p in root.glob("epoch-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-        for old in keep[: -self.cfg.checkpoint.keep_last]:
-            shutil.rmtree(old)
+        state = {
+            "epoch": epoch,
+            "torch_rng": torch.get_rng_state().tolist(),
+            "skipped_total": self.skipped_total,
+            "bad_in_a_row": self.bad_in_a_row,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state))  # last: its presence marks a complete folder
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_path(tmp)
+        if final.exists():  # the same epoch again (a resume redid it): swap, never half-delete
+            final.rename(root / f".old-epoch-{epoch}")
+        tmp.rename(final)
+        fsync_path(root)
+        write_atomic(root / LATEST, final.name + "\n")
+        self._prune(root, final)
+        _remove_scratch(root)
         return final
+
+    def _prune(self, root: Path, keep: Path) -> None:
+        """Delete all but the newest `checkpoint.keep_last` checkpoints (never `keep`)."""
+        found = sorted((e, p) for p in root.iterdir() if p.is_dir() and (e := checkpoint_epoch(p.name)) is not None)
+        for _, old in found[: -self.cfg.checkpoint.keep_last]:
+            if old != keep:
+                _remove_tree(old)
 
     def _load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -400,26 +982,54 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
         state = json.loads((path / STATE_FILE).read_text())
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self.skipped_total = int(state.get("skipped_total", 0))  # absent in checkpoints of older versions
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
 
 
 def latest_checkpoint(run: Path) -> tuple[int, Path] | None:
-    """(epoch, folder) of the newest complete checkpoint of a run folder."""
+    """(epoch, folder) of the newest complete checkpoint of a run folder.
+
+    The `checkpoints/latest` pointer is trusted when it names a complete folder; otherwise (an
+    older run, a deleted folder, a hand-edited pointer) the folders themselves are scanned.
+    """
+    root = Path(run) / CHECKPOINTS
+    pointed = _pointed_checkpoint(root)
+    if pointed is not None:
+        return pointed
     found = []
-    for p in (Path(run) / CHECKPOINTS).glob("epoch-*"):
-        if (p / STATE_FILE).is_file():
-            try:
-                found.append((int(p.name.split("-")[1]), p))
-            except ValueError:
-                continue
+    for p in root.glob("epoch-*"):
+        epoch = checkpoint_epoch(p.name)
+        if epoch is not None and _is_complete(p):
+            found.append((epoch, p))
     return max(found) if found else None
 
 
+def _pointed_checkpoint(root: Path) -> tuple[int, Path] | None:
+    """(epoch, folder) named by `root/latest` if that folder is a complete checkpoint, else None."""
+    try:
+        name = (root / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    epoch = checkpoint_epoch(name)
+    if epoch is None or not _is_complete(root / name):
+        return None
+    return epoch, root / name
+
+
 def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop metrics lines of epochs after `last_epoch` (written after the checkpoint we resume)."""
+    """Drop metrics lines of epochs after `last_epoch` (written after the checkpoint we resume),
+    and a torn last line of a killed write; the file is replaced atomically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # only a write cut by a kill leaves a partial line
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= last_epoch:
+            keep.append(line)
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def format_metrics(m: dict) -> str:

@@ -34,9 +34,22 @@ def validate(pipeline: Path, overrides: tuple[str, ...]) -> None:
 @click.argument("pipeline", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder (default: the pipeline's `output`).")
-@click.option("--resume", is_flag=True, help="Continue the run in the output folder from its latest checkpoint.")
-def train(pipeline: Path, overrides: tuple[str, ...], out: Path | None, resume: bool) -> None:
-    """Train PIPELINE.yaml; OVERRIDES are key.sub=value (e.g. train.epochs=5)."""
+@click.option(
+    "--resume", is_flag=True,
+    help="Continue the run in the output folder from its latest complete checkpoint. The pipeline must match the "
+    "run's pipeline.yaml, except train.epochs and the eval, logging and checkpoint settings.",
+)
+@click.option(
+    "--allow-changes", is_flag=True,
+    help="With --resume: continue even though settings that change what the run learns differ (the old settings "
+    "are kept as pipeline.before-epoch-N.yaml). LoRA settings can never change.",
+)
+def train(pipeline: Path, overrides: tuple[str, ...], out: Path | None, resume: bool, allow_changes: bool) -> None:
+    """Train PIPELINE.yaml; OVERRIDES are key.sub=value (e.g. train.epochs=5).
+
+    The first SIGTERM or Ctrl-C finishes the current epoch, writes a checkpoint and exits with code 0;
+    a second one aborts at once (the last complete checkpoint stays intact). Continue with --resume.
+    """
     from rich.console import Console
 
     from flowrl.config import load_pipeline
@@ -44,10 +57,26 @@ def train(pipeline: Path, overrides: tuple[str, ...], out: Path | None, resume: 
 
     p = load_pipeline(pipeline, overrides)
     console = Console(stderr=True)
-    run = Trainer(p, out, resume=resume, log=lambda s: console.print(s, highlight=False)).run()
+    trainer = Trainer(p, out, resume=resume, allow_changes=allow_changes, log=lambda s: console.print(s, highlight=False, soft_wrap=True))
+    run = trainer.run()
+    if trainer.stopped_by is not None:
+        console.print(
+            f"stopped by {trainer.stopped_by}"
+            + (f" after epoch {trainer.stopped_at} (checkpointed)" if trainer.stopped_at is not None else " before training started")
+            + f". Continue with:\n  {resume_command(pipeline, overrides, run)}",
+            highlight=False, soft_wrap=True,
+        )
+        return
     for line in eval_progress(run / "metrics.jsonl"):
         console.print(line, highlight=False)
     console.print(f"run folder: [bold]{run}[/] (curves.png, samples/, metrics.jsonl, checkpoints/)")
+
+
+def resume_command(pipeline: Path, overrides: tuple[str, ...], run: Path) -> str:
+    """The shell command that continues a stopped run (quoted for a POSIX shell)."""
+    import shlex
+
+    return shlex.join(["flowrl", "train", str(pipeline), *overrides, "--out", str(run), "--resume"])
 
 
 def eval_progress(metrics: Path) -> list[str]:
