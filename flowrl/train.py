@@ -881,7 +881,7 @@ class Trainer:
         meta = [test.metadata[i] for i in idx] if test.metadata else ()
         batch = PromptBatch([test.prompts[i] for i in idx], torch.from_numpy(idx), meta)
         cond = encode_batch(self.policy, list(batch.prompts), self.with_negative)
-        seeds = [derive_seed(c.eval.seed, i) for i in range(len(idx))]
+        seeds = [c.eval.seed + i for i in range(len(idx))]  # as `flowrl eval` and `flowrl toy sample`: image i, seed + i
         which = c.eval.weights
         rollout = roll_out(self.policy, self.stages.eval_sampler, batch, cond, seeds, which, max(c.train.micro_batch, 64))
         self.policy.activate("policy")

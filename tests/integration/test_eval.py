@@ -292,3 +292,22 @@ def test_mistakes_exit_2_with_a_message(tmp_path: Path, args: list[str], message
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert count_sampled == [], "mistakes are refused before any image is drawn"
+
+
+def test_trainer_eval_of_the_base_model_equals_flowrl_eval(tmp_path: Path):
+    """The trainer's epoch -1 evaluation and `flowrl eval` of the base model draw the same images
+    (image i, seed i), so they report the same score."""
+    run = tmp_path / "r"
+    overrides = [o for o in TINY if not o.startswith(("eval.", "logging."))]
+    res = CliRunner().invoke(main, [
+        "train", str(REPO / "pipelines" / "toy-geneval.yaml"), *overrides, "eval.every=1", "eval.limit=6",
+        "eval.images_per_prompt=2", "eval.sampler.steps=4", "train.epochs=1", "--out", str(run),
+    ], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["epoch"] == -1
+    out = tmp_path / "e"
+    flowrl_eval("--reward", "geneval", TOY, "--limit", "6", "--images-per-prompt", "2", "--steps", "4", "--out", str(out))
+    dense = np.mean([r["scores"]["geneval"] for r in rows(out)])
+    assert first["eval/geneval/dense"] == pytest.approx(dense, abs=1e-6)
+    assert first["eval/geneval"] == pytest.approx(summary(out)["overall"], abs=1e-6)
