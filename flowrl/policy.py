@@ -111,6 +111,7 @@ class FlowPolicy:
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in ADAPTERS:
                 self.transformer.add_adapter(config, adapter_name=name)
+        self._upcast_adapters()
         self.copy_adapter("policy", "old")
         self.copy_adapter("policy", "ema")
         self._active: str | None = None
@@ -132,6 +133,19 @@ class FlowPolicy:
         return policy
 
     # ---------------------------------------------------------------------------------- adapters
+
+    @torch.no_grad()
+    def _upcast_adapters(self) -> None:
+        """Keep LoRA weights in float32 under a bfloat16/float16 base model (mixed precision).
+
+        AdamW steps of lr 3e-4 are below bfloat16's resolution for most weights (8 bits of
+        mantissa), so adapters stored in the base dtype would barely learn. peft casts the
+        activations to the adapter's dtype and the result back, so only the small LoRA matmuls run
+        in float32. A float32 base model is left untouched.
+        """
+        for name, p in self.transformer.named_parameters():
+            if ".lora_" in name and p.dtype in (torch.bfloat16, torch.float16):
+                p.data = p.data.float()
 
     def adapter_params(self, adapter: str = "policy") -> dict[str, torch.nn.Parameter]:
         """Parameters of one adapter, keyed without the adapter name."""

@@ -45,6 +45,7 @@ import yaml
 
 from flowrl import registry
 from flowrl.config import Change, ResolvedPipeline, diff_configs
+from flowrl.distributed import World, assemble, init_world, rank_positions, shard_problems
 from flowrl.errors import FlowrlError, NumericalError, ResumeError, RewardError
 from flowrl.policy import ADAPTERS, FlowPolicy
 from flowrl.prompts import PromptSet, load_prompt_set, resolve_prompt_path
@@ -466,6 +467,11 @@ def whole_groups(failed: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(group_ids, bad_groups)
 
 
+def failed_of(out: RewardOutput) -> torch.Tensor:
+    """bool [B]: the images whose score is not finite (what `score_reward` marks failed)."""
+    return ~torch.isfinite(out.scores.float().cpu())
+
+
 def subset_output(out: RewardOutput, idx: torch.Tensor) -> RewardOutput:
     """A reward output restricted to the images at `idx` (int64 [b])."""
     return RewardOutput(out.scores[idx], {k: v[idx] for k, v in out.details.items()}, out.failures)
@@ -547,13 +553,19 @@ class Trainer:
         self.out = Path(out or self.cfg.output)
         self.resume = resume
         self.allow_changes = allow_changes
-        self.log = log
+        self._log = log
+        self.world = World.single()  # joined to the launcher's process group in `run`
         self.skipped_total = 0  # optimizer steps skipped for non-finite values, whole run
         self.bad_in_a_row = 0  # consecutive skipped steps (train.max_bad_steps)
         self.stopped_by: str | None = None
         self.stopped_at: int | None = None
         self._changes: list[Change] = []
         self._saved_pipeline: dict | None = None
+
+    def log(self, text: str) -> None:
+        """Progress lines come from rank 0 only (every rank computes the same thing)."""
+        if self.world.is_main:
+            self._log(text)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -617,7 +629,7 @@ class Trainer:
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
         torch.manual_seed(c.train.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.world.device
         self.policy = FlowPolicy.from_config(c.model, self.device, seed=c.train.seed)
         self.stages = build_stages(self.p)
         o = c.optimizer
@@ -645,53 +657,86 @@ class Trainer:
             FlowrlError: bad input (folder, prompts, model), a refused resume, a reward failure
                 under `on_reward_error: fail`, or too many non-finite steps in a row.
         """
+        self.world = init_world()
+        self._check_sharding()
         start = self._check_folder()
+        self.world.barrier()  # every rank has read the folder before rank 0 writes into it
         epochs = self.cfg.train.epochs
         if start >= epochs:
             self.log(f"nothing to do: the run in {self.out} already finished epoch {start - 1} of train.epochs={epochs}; raise train.epochs to train longer")
             return self.out
+        main = self.world.is_main
         with StopSignals(self.log) as stop:
             self._setup()
             if start == 0:
                 if self.resume:
                     self.log(f"no checkpoint in {self.out} yet: starting the run again from epoch 0")
-                    (self.out / "metrics.jsonl").unlink(missing_ok=True)
-                self._start_folder()
+                    if main:
+                        (self.out / "metrics.jsonl").unlink(missing_ok=True)
+                if main:
+                    self._start_folder()
             else:
                 self._load_checkpoint(self.out / CHECKPOINTS / f"epoch-{start - 1}")
-                truncate_metrics(self.out / "metrics.jsonl", start - 1)
+                if main:
+                    truncate_metrics(self.out / "metrics.jsonl", start - 1)
                 self.log(f"resumed from epoch {start - 1}")
-            self._record_changes(start)
+            if main:
+                self._record_changes(start)
+            self._sync_adapters()
             self._loop(start, epochs, stop)
         if self.writer is not None:
             self.writer.close()
+        self.world.barrier()  # no rank leaves before rank 0 has written the last checkpoint
         return self.out
+
+    def _check_sharding(self) -> None:
+        """Refuse a global batch the launched processes cannot share (see `shard_problems`).
+
+        Raises:
+            FlowrlError: naming the batch, the number of processes and the fix.
+        """
+        t = self.cfg.train
+        problems = shard_problems(t.batch_size, t.steps_per_epoch, t.micro_batch, self.world.size, self.cfg.prompts.group_size)
+        if problems:
+            raise FlowrlError(f"train.batch_size: {problems[0]}")
+
+    def _sync_adapters(self) -> None:
+        """Start every rank from rank 0's adapters (they are equal by seeding; this makes it certain)."""
+        if self.world.size > 1:
+            from flowrl.policy import ADAPTERS as names
+
+            self.world.broadcast_([p for name in names for p in self.policy.adapter_params(name).values()])
 
     def _loop(self, start: int, epochs: int, stop: StopSignals) -> None:
         from flowrl.progress import count_progress
 
-        if stop.requested:
-            self.stopped_by = stop.requested
-            self.log(f"{stop.requested}: stopped before training started; nothing new to save")
+        main = self.world.is_main
+        if self.world.any(stop.requested is not None):
+            self.stopped_by = stop.requested or "a signal to another process"
+            self.log(f"{self.stopped_by}: stopped before training started; nothing new to save")
             return
-        if start == 0 and self.cfg.eval.every:
+        if start == 0 and self.cfg.eval.every and main:
             self._write_metrics({"epoch": -1, **self.evaluate(-1)})
         self.log(f"training epochs {start}..{epochs - 1} into {self.out}")
-        with count_progress("train epochs", epochs - start) as advance:
+        progress = count_progress("train epochs", epochs - start) if main else contextlib.nullcontext(lambda n: None)
+        with progress as advance:
             for epoch in range(start, epochs):
                 metrics = self.train_epoch(epoch)
                 last = epoch == epochs - 1
                 evaluated = (self.cfg.eval.every and (epoch + 1) % self.cfg.eval.every == 0) or last
-                if evaluated:
+                if evaluated and main:
                     metrics |= self.evaluate(epoch)
-                self._write_metrics(metrics)
+                if main:
+                    self._write_metrics(metrics)
                 self.log(format_metrics(metrics))
-                if evaluated:
+                if evaluated and main:
                     from flowrl.plots import plot_run
 
                     plot_run(self.out / "metrics.jsonl", self.out / "curves.png", title=self.cfg.name)
-                stopping = stop.requested is not None
-                if (self.cfg.checkpoint.every and (epoch + 1) % self.cfg.checkpoint.every == 0) or last or stopping:
+                stopping = self.world.any(stop.requested is not None)
+                if stopping and stop.requested is None:
+                    stop.requested = "a signal to another process"
+                if ((self.cfg.checkpoint.every and (epoch + 1) % self.cfg.checkpoint.every == 0) or last or stopping) and main:
                     self._save_checkpoint(epoch)
                 advance(1)
                 if stopping and not last:
@@ -710,13 +755,23 @@ class Trainer:
         groups = torch.from_numpy(np.repeat(np.arange(n_prompts), c.prompts.group_size))
         return PromptBatch([self.train_set.prompts[i] for i in idx], groups, meta)
 
-    def score(self, rollout: Rollout, epoch: int | None = None) -> tuple[torch.Tensor, dict[str, float], dict]:
+    def score(self, rollout: Rollout, epoch: int | None = None, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float], dict]:
         """Every reward of the mix on the rollout's images -> advantages [B], logged means, and
         the raw output of each reward by label (over the images kept for training).
 
         Failures follow `train.on_reward_error`: "fail" raises; "drop-group" gives every image of a
         group holding a failed image advantage 0 and leaves the group out of the means. Either
         way `reward/<label>/failures` counts the images each reward could not score.
+
+        With several processes, each scores its own images and the scores, failures and group ids
+        are all-gathered first: advantages [B] and the logged means are over the whole epoch
+        batch (B = all ranks' images, in epoch order), identical on every rank.
+
+        Args:
+            rollout: this rank's images.
+            epoch: for messages.
+            positions: int64 [b], the epoch positions of the rollout's images; needed with
+                several processes (None: the rollout is the whole batch).
 
         Raises:
             RewardError: a failure under "fail", or under "drop-group" one in every group.
@@ -725,7 +780,7 @@ class Trainer:
         mix, policy = self.stages.rewards, self.cfg.train.on_reward_error
         images = as_float_images(rollout.images)
         check_batch(images, batch.prompts, batch.metadata)
-        parts, failures = {}, {}
+        parts, failures, errors_of = {}, {}, {}
         failed = torch.zeros(images.shape[0], dtype=torch.bool)
         where = f"epoch {epoch}: " if epoch is not None else ""
         for label, reward in zip(mix.configs, mix.rewards, strict=True):
@@ -733,9 +788,16 @@ class Trainer:
             parts[label] = out
             failed |= bad.cpu()
             failures[label] = out.failures + int(bad.sum())
+            errors_of[label] = errors
+        group_ids = batch.group_ids
+        if self.world.size > 1:
+            parts, failed, failures, errors_of, group_ids = self._gather_scores(positions, parts, failed, failures, errors_of, group_ids)
+        for label, errors in errors_of.items():
+            bad = failed_of(parts[label])
             if bool(bad.any()):
                 why = f" ({errors[0]}{f' and {len(errors) - 1} more' if len(errors) > 1 else ''})" if errors else " (non-finite scores)"
                 self.log(f"{where}reward {label!r} failed on {int(bad.sum())} of {len(bad)} images{why}")
+        batch = replace(batch, group_ids=group_ids)
         dropped = whole_groups(failed, batch.group_ids.cpu())
         n_groups = int(torch.unique(batch.group_ids).numel())
         n_dropped = int(torch.unique(batch.group_ids.cpu()[dropped]).numel())
@@ -750,15 +812,44 @@ class Trainer:
         out = combine({k: subset_output(o, keep) for k, o in parts.items()}, mix.configs)
         group_ids = batch.group_ids[keep.to(batch.group_ids.device)]
         kept_adv = mix_advantages(out, self.cfg.train.reward_aggregation, lambda r: self.stages.advantage(r, group_ids))
-        adv = torch.zeros(images.shape[0], dtype=kept_adv.dtype, device=kept_adv.device)
+        adv = torch.zeros(failed.shape[0], dtype=kept_adv.dtype, device=kept_adv.device)
         adv[keep.to(kept_adv.device)] = kept_adv
         metrics = mix_metrics(out)
         metrics |= {f"reward/{k}/failures": n for k, n in failures.items()}
         metrics["reward/dropped_groups"] = n_dropped
         return adv, metrics, dict(out.parts)
 
-    def _step(self, rollout: Rollout, adv: torch.Tensor, step_idx: torch.Tensor, epoch: int, step: int) -> tuple[dict[str, float], float | None, str | None]:
+    def _gather_scores(self, positions, parts, failed, failures, errors_of, group_ids):
+        """Every rank's reward outputs put together in epoch order (see `score`)."""
+        if positions is None:
+            raise ValueError("score() with several processes needs the epoch positions of the rollout's images")
+        local = (positions.cpu(), {k: (o.scores.cpu(), {d: v.cpu() for d, v in o.details.items()}, o.failures) for k, o in parts.items()},
+                 failed.cpu(), failures, errors_of, group_ids.cpu())
+        ranks = self.world.gather_objects(local)
+        pos = [r[0] for r in ranks]
+        merged = {}
+        for label in parts:
+            outs = [r[1][label] for r in ranks]
+            names = list(dict.fromkeys(d for o in outs for d in o[1]))
+            details = {
+                d: assemble([o[1].get(d, torch.full_like(o[0].float(), float("nan"))) for o in outs], pos) for d in names
+            }
+            merged[label] = RewardOutput(assemble([o[0] for o in outs], pos), details, sum(o[2] for o in outs))
+        return (
+            merged,
+            assemble([r[2] for r in ranks], pos),
+            {label: sum(r[3][label] for r in ranks) for label in parts},
+            {label: [e for r in ranks for e in r[4][label]] for label in parts},
+            assemble([r[5] for r in ranks], pos),
+        )
+
+    def _step(self, rollout: Rollout, adv: torch.Tensor, step_idx: torch.Tensor, epoch: int, step: int, offset: int = 0) -> tuple[dict[str, float], float | None, str | None]:
         """Accumulate the gradient of one optimizer step, term by term.
+
+        With several processes `step_idx` is this rank's share of the step, starting at position
+        `offset` of the step's images: micro-batch m draws the estimator noise of micro-batch
+        `offset + m` of the single-process step, and the gradients (each rank's scaled as if its
+        share were the whole step) are averaged over ranks, so the update is the single-process one.
 
         Returns:
             (metric sums of the step, the clipped gradient norm, None) when every loss and
@@ -770,27 +861,50 @@ class Trainer:
         params = self.policy.trainable_parameters()
         sums: dict[str, float] = defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
+        bad = None
         for m in range(0, per_step, c.train.micro_batch):
             idx = step_idx[m : m + c.train.micro_batch]
             sub = rollout.subset(idx)
-            gen = torch.Generator(device="cpu").manual_seed(derive_seed(c.train.seed, epoch, 4, step, m))
+            gen = torch.Generator(device="cpu").manual_seed(derive_seed(c.train.seed, epoch, 4, step, offset + m))
             for j, terms in enumerate(self.stages.estimator(sub, self.policy, kl_cfg, gen)):
                 out = self.stages.objective(terms, adv[idx])
                 where = (
-                    f"micro-batch {m // c.train.micro_batch} (images {m}..{m + len(idx) - 1} of the step), "
+                    f"micro-batch {(offset + m) // c.train.micro_batch} (images {offset + m}..{offset + m + len(idx) - 1} of the step), "
                     f"term {j} (mean t={float(terms.t.float().mean()):.3g}) of objective {self.p.objective.kind!r}"
                 )
                 if not bool(torch.isfinite(out.loss.detach())):
-                    return {}, None, f"non-finite loss ({float(out.loss.detach()):g}) in {where}"
+                    bad = f"non-finite loss ({float(out.loss.detach()):g}) in {where}"
+                    break
                 (out.loss * (len(idx) / per_step)).backward()
                 if not grads_finite(params):
-                    return {}, None, f"non-finite gradient from the backward pass of {where}"
+                    bad = f"non-finite gradient from the backward pass of {where}"
+                    break
                 for k, v in out.metrics.items():
                     sums[k] += float(v) * terms.weight * len(idx) / per_step
+            if bad is not None:
+                break
+        if self.world.size > 1:
+            bad = self._average_step(params, sums, bad)
+        if bad is not None:
+            return {}, None, bad
         norm = torch.nn.utils.clip_grad_norm_(params, c.optimizer.grad_clip)
         if not bool(torch.isfinite(norm)):
             return {}, None, f"non-finite gradient norm ({float(norm):g})"
         return dict(sums), float(norm), None
+
+    def _average_step(self, params: Sequence[torch.nn.Parameter], sums: dict[str, float], bad: str | None) -> str | None:
+        """Make every rank agree on a step: skipped by all when any rank saw a non-finite value,
+        else gradients and metric sums averaged over ranks, in place. Returns the reason to skip."""
+        if self.world.any(bad is not None):
+            return bad or f"a non-finite loss or gradient on another process (this is rank {self.world.rank})"
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        self.world.average_([p.grad for p in params] + [values])
+        sums.update(zip(keys, values.tolist()))
+        return None
 
     def _skip(self, epoch: int, step: int, why: str) -> None:
         """Count a skipped step; raise once `train.max_bad_steps` steps in a row were skipped."""
@@ -813,20 +927,31 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         c = self.cfg
         t0 = time.perf_counter()
+        world = self.world
         batch = self._pick_prompts(epoch)
+        order = group_order(batch.group_ids, torch.Generator().manual_seed(derive_seed(c.train.seed, epoch, 3)))
+        if world.size == 1:
+            mine = torch.arange(len(batch.prompts))
+        else:  # this rank's share of every step; sampled in epoch order, trained in step order
+            ranked = rank_positions(order, c.train.steps_per_epoch, world.size, world.rank)
+            mine = torch.sort(ranked).values
+            order = torch.searchsorted(mine, ranked)
+            batch = batch.subset(mine)
         cond = encode_batch(self.policy, list(batch.prompts), self.with_negative)
-        seeds = [derive_seed(c.train.seed, epoch, 2, i) for i in range(len(batch.prompts))]
+        seeds = [derive_seed(c.train.seed, epoch, 2, i) for i in mine.tolist()]  # image i: its seed on any rank
         self.policy.transformer.eval()
         with torch.no_grad(), rollout_autocast(self.device, c.train.rollout_precision):
             rollout = roll_out(self.policy, self.stages.sampler, batch, cond, seeds, c.train.rollout_policy, c.train.micro_batch)
         t_roll = time.perf_counter()
-        adv, metrics, _ = self.score(rollout, epoch)
+        adv, metrics, _ = self.score(rollout, epoch, positions=mine if world.size > 1 else None)
+        adv_all = adv
+        if world.size > 1:
+            adv = adv[mine.to(adv.device)]
         adv = adv.to(self.device)
         t_reward = time.perf_counter()
 
-        per_step = c.train.batch_size // c.train.steps_per_epoch
+        per_step = c.train.batch_size // c.train.steps_per_epoch // world.size
         sums: dict[str, float] = defaultdict(float)
-        order = group_order(batch.group_ids, torch.Generator().manual_seed(derive_seed(c.train.seed, epoch, 3)))
         grad_norms, skipped = [], 0
         o = c.optimizer
         lr = learning_rate(epoch, c.train.epochs, o.lr, o.schedule, o.warmup_epochs, o.min_lr_ratio)
@@ -834,7 +959,7 @@ class Trainer:
             group["lr"] = lr
         self.policy.activate("policy")
         for step in range(c.train.steps_per_epoch):
-            step_sums, norm, bad = self._step(rollout, adv, order[step * per_step : (step + 1) * per_step], epoch, step)
+            step_sums, norm, bad = self._step(rollout, adv, order[step * per_step : (step + 1) * per_step], epoch, step, world.rank * per_step)
             if bad is not None:
                 skipped += 1
                 self._skip(epoch, step, bad)
@@ -858,7 +983,7 @@ class Trainer:
         metrics["train/skipped_total"] = self.skipped_total
         metrics["train/old_decay"] = decay
         metrics["train/lr"] = lr
-        metrics["advantage/abs_mean"] = float(adv.abs().mean())
+        metrics["advantage/abs_mean"] = float(adv_all.abs().mean())
         metrics["time/rollout_s"] = t_roll - t0
         metrics["time/reward_s"] = t_reward - t_roll
         metrics["time/train_s"] = t_train - t_reward
