@@ -238,21 +238,6 @@ def is_toy_model(location: str) -> bool:
 # ------------------------------------------------------------------------------ settings parts
 
 
-def split_reward_names(text: str) -> tuple[str, ...]:
-    """'geneval, clipscore' -> ('geneval', 'clipscore').
-
-    Raises:
-        FlowrlError: no name, or a name given twice.
-    """
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise FlowrlError("--reward needs at least one reward name, e.g. --reward geneval or --reward geneval,clipscore")
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise FlowrlError(f"--reward names {dups[0]!r} twice; list each reward once")
-    return tuple(names)
-
-
 def _parse_reward_override(text: str, names: Sequence[str]) -> tuple[str, str, Any]:
     """'geneval.backend=hf-mask2former' -> ('geneval', 'backend', 'hf-mask2former'); the value is YAML."""
     import yaml
@@ -546,6 +531,8 @@ def plan_eval(req: EvalRequest) -> EvalPlan:
             rewards cannot use.
     """
     from flowrl.prompts import load_prompt_set
+
+    from flowrl.rewards.mix import split_reward_names
 
     names = split_reward_names(",".join(req.rewards))
     target = resolve_target(req.target)

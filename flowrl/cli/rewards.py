@@ -212,21 +212,6 @@ def collect_images(root: Path, prompts_spec: str | None) -> ImageSet:
 # ------------------------------------------------------------------------------ reward configs
 
 
-def split_names(text: str) -> list[str]:
-    """'geneval, ocr' -> ['geneval', 'ocr'].
-
-    Raises:
-        FlowrlError: an empty list or a name given twice.
-    """
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise FlowrlError("--reward needs at least one reward name, e.g. --reward geneval or --reward ocr,clipscore")
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise FlowrlError(f"--reward names {dups[0]!r} twice; list each reward once")
-    return names
-
-
 def settable_fields(config_cls: type) -> list[str]:
     """Fields of a reward Config that `-o` may set (all but the mix settings)."""
     return [f for f in config_cls.model_fields if f not in MIX_FIELDS]
@@ -566,7 +551,9 @@ def score(images_dir: Path, reward_names: str, prompts: str | None, as_json: boo
     # Model rewards load through transformers; its loading bars would interleave with our output.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    names = split_names(reward_names)
+    from flowrl.rewards.mix import split_reward_names
+
+    names = list(split_reward_names(reward_names))
     configs = build_configs(names, overrides)  # unknown names and bad -o are refused before any image is read
     images = collect_images(images_dir, prompts)
     if not images.records:

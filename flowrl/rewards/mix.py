@@ -207,6 +207,23 @@ class RewardMix:
         return mix_advantages(out, mode, normalize)
 
 
+
+
+def split_reward_names(text: str) -> tuple[str, ...]:
+    """'geneval, clipscore' -> ('geneval', 'clipscore').
+
+    Raises:
+        FlowrlError: no name, or a name given twice.
+    """
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise FlowrlError("--reward needs at least one reward name, e.g. --reward geneval or --reward ocr,clipscore")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise FlowrlError(f"--reward names {dups[0]!r} twice; list each reward once")
+    return tuple(names)
+
+
 __all__ = [
     "MixOutput",
     "RewardMix",
@@ -215,5 +232,6 @@ __all__ = [
     "combine",
     "mix_advantages",
     "mix_metrics",
+    "split_reward_names",
     "weighted_total",
 ]
