@@ -36,13 +36,7 @@ from flowrl.rewards.pickscore import PickScoreReward
 PROMPTS = ["a red cat", "a dog", "sunset over a car", "a photo of a red car and a dog"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_models(monkeypatch):
-    """No model outlives a test; nothing may reach the network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    clear_shared()
-    yield
-    clear_shared()
+pytestmark = pytest.mark.usefixtures("fresh_models")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,9 @@ from flowrl.rewards.geneval.colors import (
     load_color_classifier,
     text_classifier,
 )
-from flowrl.rewards.models import clear_shared
 
 
-@pytest.fixture(autouse=True)
-def _fresh_models(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    clear_shared()
-    yield
-    clear_shared()
+pytestmark = pytest.mark.usefixtures("fresh_models")  # see conftest.py
 
 
 def test_constants_match_reference() -> None:

@@ -45,16 +45,9 @@ from flowrl.rewards.geneval.detectors.mask2former import (
 )
 from flowrl.rewards.geneval.detectors.mmdet_adapter import to_bgr_uint8
 from flowrl.rewards.geneval.reward import GenEvalReward
-from flowrl.rewards.models import clear_shared
 
 
-@pytest.fixture(autouse=True)
-def _fresh_models(monkeypatch):
-    """No model outlives a test; nothing may reach the network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    clear_shared()
-    yield
-    clear_shared()
+pytestmark = pytest.mark.usefixtures("fresh_models")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
