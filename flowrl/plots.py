@@ -45,6 +45,13 @@ def plot_run(metrics_path: Path, out_png: Path, title: str = "") -> Path:
     axes[0].legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (parent folders created) and free it."""
+    import matplotlib.pyplot as plt
+
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=110)

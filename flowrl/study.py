@@ -1271,11 +1271,9 @@ def plot_curves(curves: Sequence[Curve], x: Literal["seconds", "epochs"], out_pn
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     if title:
         ax.set_title(title)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    from flowrl.plots import save_figure
+
+    return save_figure(fig, out_png)
 
 
 __all__ = [
