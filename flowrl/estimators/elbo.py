@@ -77,11 +77,11 @@ def num_terms(n_grid: int, fraction: float) -> int:
     return max(1, min(n_grid, math.floor(n_grid * fraction + 1e-9)))
 
 
-def expand_to_groups(per_group: Tensor, group_ids: Tensor) -> Tensor:
-    """Rows of `per_group` [G, ...] (one per distinct id, in sorted-id order) repeated to the images'
-    groups -> [B, ...]."""
+def group_index(group_ids: Tensor) -> tuple[int, Tensor]:
+    """(number of distinct groups G, each image's group position in sorted-id order int64 [B]):
+    rows of a per-group tensor [G, ...] indexed by it expand to the images [B, ...]."""
     _, inverse = torch.unique(group_ids, return_inverse=True)
-    return per_group[inverse.to(per_group.device)]
+    return int(inverse.max()) + 1 if inverse.numel() else 0, inverse
 
 
 def draw_timestep_indices(batch: int, n_grid: int, k: int, generator: torch.Generator) -> Tensor:
@@ -154,18 +154,21 @@ class ElboEstimator:
         grid = rollout.sigmas[:-1].to(device=x0.device, dtype=torch.float32)
         batch, n_grid = x0.shape[0], grid.shape[0]
         k = num_terms(n_grid, cfg.timestep_fraction)
-        groups = rollout.batch.group_ids if cfg.noise == "per-group" else None
-        n_draw = batch if groups is None else int(torch.unique(groups).numel())
+        # per-group: draw one row per group and expand it to the group's images.
+        n_draw, expand = batch, None
+        if cfg.noise == "per-group":
+            n_draw, expand = group_index(rollout.batch.group_ids)
+            expand = expand.to(x0.device)
         idx = draw_timestep_indices(n_draw, n_grid, k, generator).to(x0.device)
-        if groups is not None:
-            idx = expand_to_groups(idx, groups)
+        if expand is not None:
+            idx = idx[expand]
         need_ref = kl is not None and kl.beta > 0
 
         for j in range(k):
             t = grid[idx[:, j]]
             eps = torch.randn((n_draw, *x0.shape[1:]), generator=generator, device=generator.device).to(x0.device)
-            if groups is not None:
-                eps = expand_to_groups(eps, groups)
+            if expand is not None:
+                eps = eps[expand]
             x_t = noised(x0, eps, t)
             # One x_t for all three policies: common random numbers (see module docstring). The
             # policy goes last so its adapter is the active one when the trainer backpropagates
