@@ -54,6 +54,12 @@ class PromptsConfig(Strict):
     train: str = Field("toy-train", description="Built-in set name or GenEval-metadata / text file.")
     test: str = Field("toy-test", description="Prompts of periodic evaluation.")
     group_size: int = Field(8, gt=0, description="Images per prompt (advantage group); divides train.batch_size.")
+    sampling: Literal["uniform", "by-tag"] = Field(
+        "uniform",
+        description="How an epoch picks its train prompts. uniform: every prompt equally likely (no repeats "
+        "while the set has enough). by-tag: every task tag equally likely, whatever its number of prompts "
+        "(GenEval's score is the mean over tags; needs a .jsonl set with tags).",
+    )
 
 
 class OptimizerConfig(Strict):

@@ -64,3 +64,52 @@ def load_prompt_set(spec: str) -> PromptSet:
     if not prompts:
         raise FlowrlError(f"{path} holds no prompts (one per line; blank lines and # comments are skipped)")
     return PromptSet(tuple(prompts), (), str(path))
+
+
+def prompt_tags(prompts: PromptSet) -> tuple[str, ...] | None:
+    """Each prompt's task tag, or None when the set has no tagged metadata (a .txt set)."""
+    tags = tuple(getattr(m, "tag", None) for m in prompts.metadata)
+    if not tags or any(t is None for t in tags):
+        return None
+    return tags
+
+
+def pick_prompts(n_prompts: int, n_total: int, rng, tags: tuple[str, ...] | None = None, sampling: str = "uniform"):
+    """Indices of the prompts of one epoch, int64 [n_prompts].
+
+    uniform: a random subset (with replacement only when n_prompts > n_total).
+    by-tag: the slots are shared out evenly among the tags (n_prompts // T each, the remainder to
+    tags drawn at random); within a tag, prompts are drawn without replacement, cycling through a
+    fresh permutation when the tag has fewer prompts than slots. Tags are visited in sorted order,
+    so the result depends only on `rng`'s state.
+
+    Args:
+        n_prompts: prompts to pick.
+        n_total: size of the set.
+        rng: a numpy Generator.
+        tags: each prompt's tag [n_total] (needed for by-tag).
+        sampling: "uniform" or "by-tag".
+
+    Raises:
+        ValueError: by-tag without tags, or an unknown sampling.
+    """
+    import numpy as np
+
+    if sampling == "uniform":
+        return rng.choice(n_total, size=n_prompts, replace=n_prompts > n_total).astype(np.int64)
+    if sampling != "by-tag":
+        raise ValueError(f"unknown prompt sampling {sampling!r}; use uniform or by-tag")
+    if tags is None or len(tags) != n_total:
+        raise ValueError("by-tag prompt sampling needs a tag for every prompt")
+    names = sorted(set(tags))
+    slots = np.full(len(names), n_prompts // len(names))
+    extra = rng.choice(len(names), size=n_prompts % len(names), replace=False)
+    slots[extra] += 1
+    chosen = []
+    for name, k in zip(names, slots, strict=True):
+        members = np.flatnonzero(np.asarray(tags) == name)
+        rounds = -(-int(k) // len(members))
+        order = np.concatenate([rng.permutation(members) for _ in range(rounds)]) if k else members[:0]
+        chosen.append(order[:k])
+    out = np.concatenate(chosen).astype(np.int64)
+    return out[rng.permutation(len(out))]

@@ -472,6 +472,8 @@ BAD_INPUT = [
     ("prompt file bad JSON", {"bad.jsonl": GOOD_RECORD + "{not json\n"}, ["train", TOY, "prompts.train=FILE:bad.jsonl"], ["bad.jsonl:2", "not valid JSON"]),
     ("GenEval bad clause", {"bad.jsonl": GOOD_RECORD + GOOD_RECORD.replace('"count": 1', '"count": 1, "color": "reed"')},
      ["train", TOY, "prompts.test=FILE:bad.jsonl"], ["prompts.test", "bad.jsonl:2", "unknown color 'reed'", "did you mean 'red'"]),
+    ("by-tag needs tags", {"p.txt": "a cat\na dog\n"}, ["train", TOY, *FAST, "prompts.train=FILE:p.txt", "prompts.sampling=by-tag"],
+     ["prompts.sampling: by-tag", "p.txt has none", "sampling: uniform"]),
     ("group does not divide batch", {}, ["train", TOY, "prompts.group_size=3"], ["prompts.group_size", "does not divide", "train.batch_size 256"]),
     ("micro-batch does not divide", {}, ["train", TOY, "train.micro_batch=48"], ["train.micro_batch", "does not divide"]),
     ("weights missing offline", {}, ["train", TOY, *FAST, "model.path=nobody-has/this-model"], ["nobody-has/this-model", "hf download"]),
