@@ -167,6 +167,22 @@ def learning_rate(epoch: int, epochs: int, lr: float, schedule: str, warmup: int
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def tag_metrics(mix, parts: dict, failures: dict[str, int], metadata) -> dict[str, float]:
+    """Per-task-tag train scores, ``reward/<label>/tag/<tag>``, of every reward that summarises by
+    tag (GenEval: strict accuracy per tag) and scored every image of the batch."""
+    out: dict[str, float] = {}
+    if not metadata:
+        return out
+    for label, reward in zip(mix.configs, mix.rewards, strict=True):
+        summary = getattr(reward, "eval_summary", None)
+        if summary is None or failures.get(label) or len(parts[label].scores) != len(metadata):
+            continue  # a failed image has no verdict; with several processes only this rank's metadata is here
+        for key, value in summary(parts[label], metadata).items():
+            if key.startswith("tag/"):
+                out[f"reward/{label}/{key}"] = value
+    return out
+
+
 def rollout_autocast(device: torch.device, precision: str):
     """Autocast context for rollouts: bf16 matmuls when asked, else a no-op."""
     if precision == "float32":
@@ -820,6 +836,7 @@ class Trainer:
         adv = torch.zeros(failed.shape[0], dtype=kept_adv.dtype, device=kept_adv.device)
         adv[keep.to(kept_adv.device)] = kept_adv
         metrics = mix_metrics(out)
+        metrics |= tag_metrics(mix, parts, failures, batch.metadata)
         metrics |= {f"reward/{k}/failures": n for k, n in failures.items()}
         metrics["reward/dropped_groups"] = n_dropped
         return adv, metrics, dict(out.parts)

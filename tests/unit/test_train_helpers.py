@@ -47,3 +47,28 @@ def test_rollout_autocast_runs_matmuls_in_bf16_only_when_asked():
         assert (a @ a).dtype == torch.float32
     with rollout_autocast(torch.device("cpu"), "bfloat16"):
         assert (a @ a).dtype == torch.bfloat16
+
+
+def test_tag_metrics_log_each_tag_of_rewards_that_summarise_by_tag():
+    from types import SimpleNamespace
+
+    from flowrl.paths import builtin_prompts
+    from flowrl.rewards.geneval import load_metadata
+    from flowrl.rewards.geneval.reward import GenEvalReward
+    from flowrl.train import tag_metrics
+    from flowrl.types import RewardOutput
+
+    records = load_metadata(builtin_prompts("toy-test"))
+    by_tag = {}
+    for r in records:
+        by_tag.setdefault(r.tag, r)
+    meta = [by_tag["counting"], by_tag["counting"], by_tag["colors"]]
+    strict = torch.tensor([1.0, 0.0, 1.0])
+    out = RewardOutput(strict, {"strict": strict, "dense": strict})
+    plain = SimpleNamespace()  # a reward without eval_summary: nothing per tag
+    mix = SimpleNamespace(configs=["geneval", "other"], rewards=[SimpleNamespace(eval_summary=GenEvalReward.eval_summary), plain])
+    got = tag_metrics(mix, {"geneval": out, "other": out}, {"geneval": 0, "other": 0}, meta)
+    assert got == {"reward/geneval/tag/counting": 0.5, "reward/geneval/tag/colors": 1.0}
+    assert tag_metrics(mix, {"geneval": out, "other": out}, {"geneval": 1}, meta) == {}  # a failed image: no verdict
+    assert tag_metrics(mix, {"geneval": out, "other": out}, {}, meta[:2]) == {}  # another rank's images
+    assert tag_metrics(mix, {"geneval": out, "other": out}, {}, ()) == {}
