@@ -123,6 +123,20 @@ def measure(pipeline_path: str, overrides: list[str], rollouts: int, draws: int,
     return Split(sig, roll, est, c.train.batch_size, float(np.median(t_train)), float(np.median(t_roll)))
 
 
+def split_overrides(text: str) -> list[str]:
+    """'a.b=1,c.d=[0.5,1]' -> ['a.b=1', 'c.d=[0.5,1]']: commas inside brackets stay."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [o for o in [*out, cur] if o]
+
+
 def table(rows: dict[str, Split]) -> str:
     lines = [
         "| variant | signal | rollout noise | estimator noise | images | train s | rollout s | SNR / image | SNR / s (rel.) |",
@@ -152,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, Split] = {}
     for spec in variants:
         name, _, over = spec.partition("=")
-        overrides = [o for o in over.split(",") if o]
+        overrides = split_overrides(over)
         print(f"{name}: {' '.join(overrides) or '(the pipeline)'}", flush=True)
         rows[name] = measure(args.pipeline, overrides, args.rollouts, args.draws, args.checkpoint)
         print(table({name: rows[name]}), flush=True)

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
+from flowrl.errors import FlowrlError
 from flowrl.estimators.flow_matching import adaptive_x0_loss, flow_matching_error, noised, x0_prediction
 from flowrl.objectives.kl import ELBO_KL, KLConfig, check_kl, girsanov
 from flowrl.registry import register
@@ -77,6 +78,23 @@ def num_terms(n_grid: int, fraction: float) -> int:
     return max(1, min(n_grid, math.floor(n_grid * fraction + 1e-9)))
 
 
+def times_in_range(grid: Tensor, t_range: tuple[float, float]) -> Tensor:
+    """The grid times [N] with lo <= t <= hi (to 1e-6), in grid order: [M], M >= 1.
+
+    Raises:
+        FlowrlError: no grid time in the range (naming the grid, so the fix is plain).
+    """
+    lo, hi = t_range
+    keep = grid[(grid >= lo - 1e-6) & (grid <= hi + 1e-6)]
+    if keep.numel() == 0:
+        times = ", ".join(f"{float(t):.3g}" for t in grid)
+        raise FlowrlError(
+            f"estimator.t_range [{lo:g}, {hi:g}] holds none of the sampler's grid times ({times}); widen it "
+            "to include at least one of them"
+        )
+    return keep
+
+
 def group_index(group_ids: Tensor) -> tuple[int, Tensor]:
     """(number of distinct groups G, each image's group position in sorted-id order int64 [B]):
     rows of a per-group tensor [G, ...] indexed by it expand to the images [B, ...]."""
@@ -105,6 +123,12 @@ class ElboConfig(BaseModel):
         0.99, gt=0, le=1, description="Share of the sampler's N grid times used per image (floor, at least 1)."
     )
     guidance: float = Field(1.0, gt=0, description="CFG scale of the velocities (1 = off).")
+    t_range: tuple[float, float] = Field(
+        (0.0, 1.0),
+        description="[lo, hi]: only the sampler's grid times with lo <= t <= hi are drawn (the fraction "
+        "applies to those). The default keeps the whole grid. Narrow it to spend the ELBO's terms where "
+        "the gradient's signal is (benchmarks/grad_snr.py measures that per time).",
+    )
     noise: Literal["per-image", "per-group"] = Field(
         "per-image",
         description="per-image: a fresh (t, eps) per image and term (the paper). per-group: the images of "
@@ -113,6 +137,14 @@ class ElboConfig(BaseModel):
         "lower-variance policy gradient for the same compute. Needs whole groups in each micro-batch "
         "(the trainer keeps them whole).",
     )
+
+    @field_validator("t_range")
+    @classmethod
+    def _ordered_unit_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"t_range must be [lo, hi] with 0 <= lo <= hi <= 1, got [{lo:g}, {hi:g}]")
+        return v
 
 
 @register("estimator", "elbo")
@@ -151,7 +183,7 @@ class ElboEstimator:
         check_kl("elbo", kl)
         cfg = self.config
         x0 = rollout.x0.detach().float()
-        grid = rollout.sigmas[:-1].to(device=x0.device, dtype=torch.float32)
+        grid = times_in_range(rollout.sigmas[:-1].to(device=x0.device, dtype=torch.float32), cfg.t_range)
         batch, n_grid = x0.shape[0], grid.shape[0]
         k = num_terms(n_grid, cfg.timestep_fraction)
         # per-group: draw one row per group and expand it to the group's images.

@@ -101,6 +101,30 @@ def test_timestep_draw_distinct_grid_values_per_image(fake_model, rollout_factor
     assert len({tuple(r.tolist()) for r in ts}) > 1, "every image got the same permutation"
 
 
+def test_t_range_draws_only_grid_times_inside_it(fake_model, rollout_factory):
+    rollout = rollout_factory(batch=6, steps=10)
+    grid = rollout.sigmas[:-1]
+    lo, hi = 0.3, float(grid[3])  # an end exactly on a grid time is kept
+    inside = grid[(grid >= lo) & (grid <= hi)]
+    terms = _terms(fake_model, rollout, timestep_fraction=1.0, t_range=(lo, hi))
+    assert len(terms) == len(inside) >= 2  # the fraction applies to the times in range
+    for row in torch.stack([tr.t for tr in terms], dim=1):
+        assert sorted(row.tolist()) == sorted(inside.tolist())  # each image: every time in range once
+
+
+def test_t_range_default_draws_exactly_as_before(fake_model, rollout_factory):
+    rollout = rollout_factory(batch=4, steps=10)
+    a = _terms(fake_model, rollout, seed=3, timestep_fraction=0.3)
+    b = _terms(fake_model, rollout, seed=3, timestep_fraction=0.3, t_range=(0.0, 1.0))
+    assert all(torch.equal(x.t, y.t) and torch.equal(x.eps, y.eps) for x, y in zip(a, b, strict=True))
+
+
+def test_t_range_without_grid_times_names_the_grid(fake_model, rollout_factory):
+    rollout = rollout_factory(batch=2, steps=4)
+    with pytest.raises(FlowrlError, match=r"holds none of the sampler's grid times \(1, "):
+        _terms(fake_model, rollout, t_range=(0.001, 0.002))
+
+
 def test_draw_indices_are_permutation_prefixes():
     idx = draw_timestep_indices(50, 7, 7, torch.Generator().manual_seed(0))
     assert torch.equal(idx.sort(dim=1).values, torch.arange(7).expand(50, 7))
@@ -203,7 +227,8 @@ def test_gaussian_step_kl_is_refused(fake_model, rollout_factory):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"timestep_fraction": 0.0}, {"timestep_fraction": 1.5}, {"weighting": "sqrt"}, {"temperature": 1.0}, {"kind": "trajectory"}],
+    [{"timestep_fraction": 0.0}, {"timestep_fraction": 1.5}, {"weighting": "sqrt"}, {"temperature": 1.0}, {"kind": "trajectory"},
+     {"t_range": (0.6, 0.4)}, {"t_range": (-0.1, 0.5)}, {"t_range": (0.5, 1.2)}],
 )
 def test_config_refuses_bad_values(bad):
     with pytest.raises(ValidationError):
