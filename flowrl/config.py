@@ -43,7 +43,17 @@ class LoraConfig(Strict):
 class ModelConfig(Strict):
     path: str = Field("assets/toy-sd3", description="diffusers folder or hub id of the base model.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    lora: LoraConfig = LoraConfig()
+    finetune: Literal["lora", "full"] = Field(
+        "lora",
+        description="What training changes. lora: LoRA adapters (model.lora) on the frozen base; the policy, old "
+        "policy and EMA are three adapters of one transformer, the reference is the base. full: every transformer "
+        "weight; model.lora is then ignored. The policy, old policy and EMA are separate float32 copies of the "
+        "transformer (the policy computes in model.dtype) and the reference is a frozen copy of the base, kept only "
+        "when a KL term needs it (objective.kl.beta > 0): 3 to 4 copies of the transformer, plus float32 gradients "
+        "and AdamW's two float32 moments. With several processes every copy, the gradients and the optimizer state "
+        "are sharded with FSDP2 (docs/distributed.md). Fixed for the life of a run.",
+    )
+    lora: LoraConfig = Field(LoraConfig(), description="LoRA settings (model.finetune: lora; ignored with full).")
     max_sequence_length: int | None = Field(
         None, ge=0, le=512, description="T5 tokens; None reads the model card (toy) or uses 256."
     )

@@ -17,6 +17,12 @@ size; the YAML never does. Every rank holds the full model and the same LoRA ada
 4. Every rank applies the same clipped update, so the adapters stay identical; rank 0 alone writes
    metrics, samples and checkpoints, and runs the periodic evaluation.
 
+A full fine-tune (``model.finetune: full``) is sharded instead of replicated: every transformer copy,
+the gradients and the optimizer state are split over the ranks with FSDP2 (flowrl/full.py). Steps 1
+and 2 are unchanged; in step 3 FSDP averages the gradients in the backward pass itself, and the ranks
+agree on every finiteness check so that they all run the same passes; in step 4 every rank takes
+part in the evaluation's sampling and in gathering the weights for a checkpoint.
+
 Single process (no launcher environment): `World.single()`; no collective is ever called and the
 trainer takes exactly the code path it had before distribution existed.
 """
@@ -119,6 +125,12 @@ class World:
             buf = t.detach().to(self._comm_device).contiguous()
             torch.distributed.broadcast(buf, src=0)
             t.copy_(buf.to(t.device, t.dtype))
+
+    def mesh(self):
+        """A 1-D DeviceMesh of all ranks on this rank's device type (what FSDP2 shards over)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.size,))
 
     @property
     def _comm_device(self) -> torch.device:

@@ -489,7 +489,7 @@ class EvalPlan:
             "checkpoint": str(t.checkpoint) if t.checkpoint else None,
             "epoch": t.epoch,
             "weights": self.weights,
-            "model": self.model.model_dump(mode="json"),
+            "model": _model_identity(self.model),
             "sampler": self.sampler.model_dump(mode="json"),
             "prompts_file": self.prompts.source,
             "prompts_sha256": prompt_digest(self.prompts.prompts, self.prompts.metadata),
@@ -521,6 +521,15 @@ class EvalPlan:
             "flowrl_version": __version__,
             "identity": self.identity(),
         }
+
+
+def _model_identity(model: Any) -> dict[str, Any]:
+    """The model settings of an evaluation's identity. model.finetune is left out for LoRA, the only
+    kind before it existed, so that evaluations recorded before then still resume."""
+    data = model.model_dump(mode="json")
+    if data.get("finetune") == "lora":
+        del data["finetune"]
+    return data
 
 
 def plan_eval(req: EvalRequest) -> EvalPlan:
@@ -868,12 +877,19 @@ def _check_classes(mix: Any, records: Sequence[Any]) -> None:
 
 
 def load_policy(plan: EvalPlan, device):
-    """The base model with the plan's adapter loaded from the checkpoint (none for "base")."""
+    """The base model with the plan's adapter loaded from the checkpoint (none for "base").
+
+    A full fine-tune's checkpoint (the run's model.finetune: full) holds whole transformers: the one
+    copy asked for is made and overwritten, so evaluation holds one transformer, not three.
+    """
     from safetensors.torch import load_file
 
     from flowrl.policy import FlowPolicy
 
-    policy = FlowPolicy.from_config(plan.model, device, seed=plan.init_seed)
+    if plan.weights != "base" and plan.model.finetune == "full":
+        policy = FlowPolicy.from_config(plan.model, device, copies=(plan.weights,))
+    else:
+        policy = FlowPolicy.from_config(plan.model, device, seed=plan.init_seed)
     if plan.weights != "base":
         file = plan.target.checkpoint / f"{plan.weights}.safetensors"
         if not file.is_file():

@@ -607,6 +607,24 @@ def pipeline_info(checkpoint: Path) -> tuple[str | None, tuple[str, ...]]:
     return hashlib.sha256(raw).hexdigest(), labels
 
 
+def check_lora_checkpoint(file: Path, meta: Mapping[str, str]) -> None:
+    """Refuse the weights of a full fine-tune (``model.finetune: full``): they are whole transformers,
+    not a LoRA, so there is nothing to export; say what to load instead.
+
+    Raises:
+        FlowrlError: `meta` (the file's safetensors metadata) marks a full fine-tune.
+    """
+    if meta.get("finetune", "lora") != "full":
+        return
+    raise FlowrlError(
+        f"{file} holds the whole transformer of a full fine-tune (model.finetune: full), not a LoRA, so there is "
+        "no LoRA to export and nothing to merge. The file already is a full transformer state dict in diffusers' "
+        "key layout: load it with SD3Transformer2DModel.load_state_dict(safetensors.torch.load_file(...)) into the "
+        "base model's transformer (or pass the checkpoint to `flowrl eval`); use `flowrl export-lora` for runs "
+        "trained with model.finetune: lora"
+    )
+
+
 def read_source(path: Path, weights: str = "ema") -> Source:
     """Read one checkpoint's adapter (`weights`: "ema" or "policy") and provenance.
 
@@ -628,7 +646,10 @@ def read_source(path: Path, weights: str = "ema") -> Source:
     try:
         with safe_open(str(file), "pt") as f:
             meta = f.metadata() or {}
+            check_lora_checkpoint(file, meta)
             state = {k: f.get_tensor(k) for k in f.keys()}
+    except FlowrlError:
+        raise
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise FlowrlError(f"cannot read {file}: {err}; the file is damaged, re-copy the checkpoint") from None
     needed = ("epoch", "base_model", "rank", "alpha")

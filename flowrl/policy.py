@@ -3,10 +3,15 @@
 The reference policy is the base model with adapters disabled. All three adapters live in the same
 transformer through peft (adapter names "policy", "old", "ema"), so switching costs a flag, not a
 copy. SD3.5 Medium/Large and the embedded toy model go through the same code: only the folder differs.
+
+With ``model.finetune: full`` the same names are whole transformers instead (flowrl/full.py): the
+methods below keep their meaning ("adapter" then means one copy of the transformer), so the trainer,
+estimators and samplers do not care which kind of fine-tune runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +21,7 @@ from torch import Tensor
 
 from flowrl.config import LoraConfig, ModelConfig
 from flowrl.errors import FlowrlError, ModelNotFoundError
+from flowrl.full import TransformerCopies
 from flowrl.types import Conditioning, Which
 
 ADAPTERS = ("policy", "old", "ema")
@@ -78,13 +84,36 @@ def _lora_key(name: str, adapter: str) -> str | None:
 class FlowPolicy:
     """The trained model: text encoding, velocity under any adapter, decoding.
 
+    Args:
+        pipe: the loaded diffusers pipeline.
+        lora: adapter settings (LoRA only).
+        max_sequence_length: T5 tokens used for every encoding.
+        seed: seed of the adapters' random initialisation (LoRA only).
+        finetune: "lora" (adapters) or "full" (every transformer weight, in separate copies).
+        copies: full only: the trained copies to make ("policy", "old", "ema"; evaluation needs one).
+        reference: full only: keep a frozen copy of the base for which="ref" (LoRA always has it).
+        mesh: full only: shard every copy over this 1-D DeviceMesh (FSDP2; see flowrl/full.py).
+
     Attributes:
         pipe: the diffusers pipeline (frozen base weights).
-        transformer: pipe.transformer with the three LoRA adapters.
+        transformer: LoRA: pipe.transformer with the three adapters. Full: the policy copy (or the
+            only copy made).
+        full: full only: the transformer copies (flowrl.full.TransformerCopies); None for LoRA.
         max_sequence_length: T5 tokens used for every encoding.
     """
 
-    def __init__(self, pipe, lora: LoraConfig, max_sequence_length: int, seed: int = 0):
+    def __init__(
+        self,
+        pipe,
+        lora: LoraConfig,
+        max_sequence_length: int,
+        seed: int = 0,
+        *,
+        finetune: str = "lora",
+        copies: Sequence[str] = ADAPTERS,
+        reference: bool = False,
+        mesh=None,
+    ):
         from peft import LoraConfig as PeftLoraConfig
 
         self.pipe = pipe
@@ -93,6 +122,17 @@ class FlowPolicy:
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             if module is not None:
                 module.requires_grad_(False)
+        self.full: TransformerCopies | None = None
+        self._active: str | None = None
+        if finetune == "full":
+            self.full = TransformerCopies(pipe.transformer, copies, reference, mesh)
+            self.transformer = self.full.main
+            self.activate("policy" if "policy" in self.full.modules else copies[0])
+            return
+        if finetune != "lora":
+            raise ValueError(f"finetune {finetune!r}: use lora or full")
+        if mesh is not None:
+            raise ValueError("only a full fine-tune is sharded; LoRA adapters are replicated on every rank")
         missing = [t for t in lora.targets if not any(n.endswith(t) for n, _ in self.transformer.named_modules())]
         if missing:
             raise FlowrlError(
@@ -118,19 +158,62 @@ class FlowPolicy:
         self.activate("policy")
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, device: torch.device | str = "cpu", seed: int = 0) -> FlowPolicy:
-        """Load the base model named by `cfg` and attach fresh adapters."""
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        *,
+        reference: bool = False,
+        copies: Sequence[str] = ADAPTERS,
+        mesh=None,
+    ) -> FlowPolicy:
+        """Load the base model named by `cfg` and attach fresh adapters (or make the copies of a full
+        fine-tune).
+
+        Args:
+            cfg: the pipeline's model section (model.finetune picks the kind of fine-tune).
+            device: where the model lives.
+            seed: seed of the LoRA adapters' initialisation.
+            reference: full fine-tune: keep a frozen copy of the base (which="ref").
+            copies: full fine-tune: the trained copies to make.
+            mesh: full fine-tune on several processes: a 1-D DeviceMesh to shard every copy over
+                (FSDP2). The transformer then stays on the CPU until sharding moves each rank's
+                shards to the mesh's device, so no device ever holds all the unsharded copies.
+        """
         from flowrl.toy.model import read_card
 
-        pipe = load_pipeline(cfg.path, _DTYPES[cfg.dtype]).to(device)
+        full = cfg.finetune == "full"
+        if mesh is not None and not full:
+            raise ValueError("only a full fine-tune is sharded; LoRA adapters are replicated on every rank")
+        if mesh is None:
+            pipe = load_pipeline(cfg.path, _DTYPES[cfg.dtype]).to(device)
+        else:
+            pipe = load_pipeline(cfg.path, _DTYPES[cfg.dtype])
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module) and component is not pipe.transformer:
+                    component.to(device)
         card = read_card(Path(resolve_model_path(cfg.path)))
         max_len = cfg.max_sequence_length
         if max_len is None:
             max_len = card.get("max_sequence_length", 256)
-        policy = cls(pipe, cfg.lora, max_len, seed)
+        if full:
+            policy = cls(pipe, cfg.lora, max_len, seed, finetune="full", copies=copies, reference=reference, mesh=mesh)
+        else:
+            policy = cls(pipe, cfg.lora, max_len, seed)
         if cfg.gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()
         return policy
+
+    @property
+    def finetune(self) -> str:
+        """"lora" or "full"."""
+        return "lora" if self.full is None else "full"
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are sharded over processes (FSDP2; full fine-tuning only)."""
+        return self.full is not None and self.full.sharded
 
     # ---------------------------------------------------------------------------------- adapters
 
@@ -148,7 +231,10 @@ class FlowPolicy:
                 p.data = p.data.float()
 
     def adapter_params(self, adapter: str = "policy") -> dict[str, torch.nn.Parameter]:
-        """Parameters of one adapter, keyed without the adapter name."""
+        """Parameters of one adapter, keyed without the adapter name (full: of one transformer copy,
+        by parameter name; DTensor shards when sharded)."""
+        if self.full is not None:
+            return self.full.params(adapter)
         out = {}
         for name, p in self.transformer.named_parameters():
             key = _lora_key(name, adapter)
@@ -157,11 +243,24 @@ class FlowPolicy:
         return out
 
     def adapter_state(self, adapter: str) -> dict[str, Tensor]:
-        """A detached copy of one adapter's weights (keys without the adapter name)."""
+        """A detached copy of one adapter's weights (keys without the adapter name).
+
+        Full: the copy's whole transformer state dict, on the CPU. Sharded, a collective that every
+        rank must call: rank 0 receives the gathered weights, the other ranks an empty dict.
+        """
+        if self.full is not None:
+            return self.full.state(adapter)
         return {k: p.detach().clone() for k, p in self.adapter_params(adapter).items()}
 
     @torch.no_grad()
     def load_adapter_state(self, adapter: str, state: dict[str, Tensor]) -> None:
+        """Overwrite one adapter (full: one transformer copy; every rank passes the whole state).
+
+        Raises:
+            FlowrlError: the keys do not fit this model's adapter (or transformer).
+        """
+        if self.full is not None:
+            return self.full.load_state(adapter, state)
         params = self.adapter_params(adapter)
         if set(params) != set(state):
             missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
@@ -175,23 +274,36 @@ class FlowPolicy:
 
     @torch.no_grad()
     def copy_adapter(self, src: str, dst: str) -> None:
+        if self.full is not None:
+            return self.full.copy(src, dst)
         self.load_adapter_state(dst, self.adapter_state(src))
 
     @torch.no_grad()
     def blend_adapter(self, dst: str, src: str, decay: float) -> None:
         """dst <- decay * dst + (1 - decay) * src (old-policy soft update and EMA)."""
+        if self.full is not None:
+            return self.full.blend(dst, src, decay)
         s, d = self.adapter_params(src), self.adapter_params(dst)
         for k, p in d.items():
             p.lerp_(s[k].to(p.dtype), 1.0 - decay)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.full is not None:
+            return self.full.trainable()
         return list(self.adapter_params("policy").values())
 
     def activate(self, which: Which | str) -> None:
-        """Route the transformer through one adapter, or none for "ref"."""
+        """Route the transformer through one adapter, or none for "ref" (full: check that the copy
+        exists; `velocity` picks the module).
+
+        Raises:
+            FlowrlError: full fine-tune: "ref" without a reference copy, or a copy not made.
+        """
         if which == self._active:
             return
-        if which == "ref":
+        if self.full is not None:
+            self.full.module(which)
+        elif which == "ref":
             self.transformer.disable_adapters()
         else:
             if which not in ADAPTERS:
@@ -213,6 +325,9 @@ class FlowPolicy:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the transformer computes in (full: model.dtype; the weights are float32)."""
+        if self.full is not None:
+            return self.full.compute_dtype
         return next(self.transformer.parameters()).dtype
 
     @property
@@ -241,6 +356,9 @@ class FlowPolicy:
         CFG (guidance != 1) runs the negative and positive halves as one batch, as diffusers does.
         """
         self.activate(which)
+        module, context = self.transformer, contextlib.nullcontext()
+        if self.full is not None:
+            module, context = self.full.module(which), self.full.autocast(self.device)
         dtype = self.dtype
         if guidance != 1.0:
             if cond.neg_prompt_embeds is None:
@@ -251,13 +369,14 @@ class FlowPolicy:
             pooled = torch.cat([cond.neg_pooled, cond.pooled])
         else:
             x_in, t_in, emb, pooled = x, t, cond.prompt_embeds, cond.pooled
-        v = self.transformer(
-            hidden_states=x_in.to(dtype),
-            timestep=(t_in * 1000).to(dtype),
-            encoder_hidden_states=emb.to(dtype),
-            pooled_projections=pooled.to(dtype),
-            return_dict=False,
-        )[0].float()
+        with context:
+            v = module(
+                hidden_states=x_in.to(dtype),
+                timestep=(t_in * 1000).to(dtype),
+                encoder_hidden_states=emb.to(dtype),
+                pooled_projections=pooled.to(dtype),
+                return_dict=False,
+            )[0].float()
         if guidance != 1.0:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance * (v_cond - v_uncond)

@@ -11,7 +11,8 @@ Run folder layout (other tools rely on it)::
 
     OUT/pipeline.yaml             resolved configuration (every default filled in)
     OUT/metrics.jsonl             one JSON object per epoch
-    OUT/checkpoints/epoch-N/      policy/old/ema adapters, optimizer, trainer state
+    OUT/checkpoints/epoch-N/      policy/old/ema adapters (model.finetune: full: whole transformer
+                                  state dicts), optimizer, trainer state
     OUT/checkpoints/latest        the name of the newest complete checkpoint folder ("epoch-N")
     OUT/samples/epoch-N.png       sample grid at each evaluation
 
@@ -264,8 +265,12 @@ RESUME_FREE = (
     "name", "output", "train.epochs", "train.threads", "train.max_bad_steps", "train.on_reward_error",
     "model.gradient_checkpointing", "prompts.test", "eval", "logging", "checkpoint",
 )
-#: Settings no resume may change, not even with --allow-changes: the saved adapters have their shape.
-RESUME_FIXED = ("model.lora",)
+#: Settings no resume may change, not even with --allow-changes: the saved adapters have their
+#: shape, and a checkpoint holds either LoRA adapters or whole transformers (model.finetune).
+RESUME_FIXED = ("model.lora", "model.finetune")
+#: What a run folder's pipeline.yaml means where it lacks a setting added to flowrl later: the
+#: value every run of the versions before it had.
+IMPLICIT_SETTINGS = {("model", "finetune"): "lora"}
 
 ResumeCategory = Literal["free", "guarded", "fixed"]
 
@@ -274,9 +279,17 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def resume_category(key: str) -> ResumeCategory:
+def resume_category(key: str, finetune: str = "lora") -> ResumeCategory:
     """How a resume treats a change of the dotted `key`: "free" (always allowed), "fixed" (never),
-    or "guarded" (it changes what the run learns: only with --allow-changes)."""
+    or "guarded" (it changes what the run learns: only with --allow-changes).
+
+    Args:
+        key: the dotted key.
+        finetune: the run's model.finetune; a full fine-tune ignores model.lora, so changes of it
+            are free there.
+    """
+    if finetune == "full" and _under(key, ("model.lora",)):
+        return "free"
     if _under(key, RESUME_FIXED):
         return "fixed"
     if _under(key, RESUME_FREE):
@@ -284,26 +297,52 @@ def resume_category(key: str) -> ResumeCategory:
     return "guarded"
 
 
-def check_resume_changes(changes: Sequence[Change], allow_changes: bool, run: Path) -> None:
+def with_implicit_settings(saved: dict) -> dict:
+    """A run's saved pipeline (plain data) with the settings that older flowrl versions did not write
+    filled in at the values those versions used (`IMPLICIT_SETTINGS`), so that a run started before
+    a setting existed resumes without a spurious change."""
+    import copy
+
+    out = copy.deepcopy(saved)
+    for path, value in IMPLICIT_SETTINGS.items():
+        node = out
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(path[-1], value)
+    return out
+
+
+def check_resume_changes(changes: Sequence[Change], allow_changes: bool, run: Path, finetune: str = "lora") -> None:
     """Refuse a resume whose pipeline differs from the run's in a way that is not allowed.
 
     Args:
         changes: the differences between the run's pipeline.yaml (old) and the new pipeline.
         allow_changes: the user passed --allow-changes.
         run: the run folder (for the message).
+        finetune: the run's model.finetune (see `resume_category`).
 
     Raises:
         ResumeError: a change of a fixed setting, or of a guarded one without `allow_changes`;
             the message lists each as ``key: old -> new`` and says how to proceed.
     """
-    fixed = [c for c in changes if resume_category(c.key) == "fixed"]
-    guarded = [c for c in changes if resume_category(c.key) == "guarded"]
+    fixed = [c for c in changes if resume_category(c.key, finetune) == "fixed"]
+    guarded = [c for c in changes if resume_category(c.key, finetune) == "guarded"]
     saved = run / "pipeline.yaml"
     if fixed:
+        why = []
+        if any(_under(c.key, ("model.lora",)) for c in fixed):
+            why.append("the saved adapters have the old shape")
+        if any(_under(c.key, ("model.finetune",)) for c in fixed):
+            why.append(
+                "the checkpoints hold what the old model.finetune trains (LoRA adapters, or whole transformers "
+                "for full), which the other kind of fine-tune cannot continue from"
+            )
+        reason = "; ".join(why)
         raise ResumeError(
-            f"--resume: the pipeline changes the LoRA adapters of the run in {run} ({saved}):\n"
+            f"--resume: the pipeline changes what the run in {run} trains ({saved}):\n"
             + "".join(f"  {c.format()}\n" for c in fixed)
-            + "The saved adapters have the old shape, so this cannot be resumed, not even with "
+            + f"{reason[0].upper()}{reason[1:]}, so this cannot be resumed, not even with "
             "--allow-changes. Undo the change, or start a new run in another folder (--out NEW_FOLDER)."
         )
     if guarded and not allow_changes:
@@ -316,6 +355,28 @@ def check_resume_changes(changes: Sequence[Change], allow_changes: bool, run: Pa
             "or, if you mean to change the experiment midway (e.g. a curriculum), pass --allow-changes: the "
             "run then continues with the new settings and keeps the old ones as pipeline.before-epoch-N.yaml. "
             "Changes of train.epochs, eval, logging and checkpoint settings are always allowed."
+        )
+
+
+def check_checkpoint_finetune(checkpoint: Path, finetune: str) -> None:
+    """Refuse to load a checkpoint of the other kind of fine-tune (LoRA adapters vs whole transformers).
+
+    The pipeline check of a resume already refuses a change of model.finetune; this one reads the
+    checkpoint's own record, so it also holds when the run's pipeline.yaml is lost (--allow-changes).
+    Checkpoints of versions before full fine-tuning record nothing: they are LoRA.
+
+    Raises:
+        ResumeError: naming both kinds and the way forward.
+    """
+    try:
+        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("finetune", "lora")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable state fails later with its own message
+    if saved != finetune:
+        raise ResumeError(
+            f"--resume: {checkpoint} was written by a model.finetune: {saved} run, but the pipeline says "
+            f"model.finetune: {finetune}; a {saved} checkpoint cannot continue as a {finetune} fine-tune. Set "
+            f"model.finetune: {saved} to continue the run, or start a new run in another folder (--out NEW_FOLDER)"
         )
 
 
@@ -497,11 +558,29 @@ def subset_output(out: RewardOutput, idx: torch.Tensor) -> RewardOutput:
 
 
 def grads_finite(params: Sequence[torch.Tensor]) -> bool:
-    """Whether every gradient of `params` is finite (parameters without a gradient count as finite)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    """Whether every gradient of `params` is finite (parameters without a gradient count as finite).
+
+    Sharded (FSDP) gradients are checked on this rank's shards only, without a collective; ranks
+    agree on the answer through `World.any`.
+    """
+    grads = [_local(p.grad) for p in params if p.grad is not None]
     if not grads:
         return True
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def needs_reference(p: ResolvedPipeline) -> bool:
+    """Whether training computes the reference velocity (which="ref"): the estimators do so only for
+    a KL term with beta > 0. A full fine-tune keeps a copy of the base model just for it."""
+    kl = getattr(p.objective, "kl", None)
+    return kl is not None and kl.beta > 0
 
 
 def check_text_encoding(spec: str, key: str) -> None:
@@ -612,8 +691,12 @@ class Trainer:
                 raise
             self.log(f"--allow-changes: {cfg_file} is missing or unreadable; continuing with the pipeline given now")
         if self._saved_pipeline is not None:
-            self._changes = diff_configs(self._saved_pipeline, plain(self.p.to_dict()))
-            check_resume_changes(self._changes, self.allow_changes, self.out)
+            saved = with_implicit_settings(self._saved_pipeline)
+            self._changes = diff_configs(saved, plain(self.p.to_dict()))
+            model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+            check_resume_changes(self._changes, self.allow_changes, self.out, model.get("finetune", "lora"))
+        if ckpt is not None:
+            check_checkpoint_finetune(ckpt[1], self.cfg.model.finetune)
         return 0 if ckpt is None else ckpt[0] + 1
 
     def _start_folder(self) -> None:
@@ -652,7 +735,9 @@ class Trainer:
             torch.set_num_threads(c.train.threads)
         torch.manual_seed(c.train.seed)
         self.device = self.world.device
-        self.policy = FlowPolicy.from_config(c.model, self.device, seed=c.train.seed)
+        # A full fine-tune on several processes is sharded (FSDP2); LoRA is replicated on every rank.
+        mesh = self.world.mesh() if c.model.finetune == "full" and self.world.size > 1 else None
+        self.policy = FlowPolicy.from_config(c.model, self.device, seed=c.train.seed, reference=needs_reference(self.p), mesh=mesh)
         self.stages = build_stages(self.p)
         o = c.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
@@ -723,8 +808,12 @@ class Trainer:
             raise FlowrlError(f"train.batch_size: {problems[0]}")
 
     def _sync_adapters(self) -> None:
-        """Start every rank from rank 0's adapters (they are equal by seeding; this makes it certain)."""
-        if self.world.size > 1:
+        """Start every rank from rank 0's adapters (they are equal by seeding; this makes it certain).
+
+        A full fine-tune has nothing to broadcast: its copies are the base weights every rank loaded
+        (or a checkpoint every rank read), and FSDP gives each rank its own shard of them.
+        """
+        if self.world.size > 1 and not self.policy.sharded:
             from flowrl.policy import ADAPTERS as names
 
             self.world.broadcast_([p for name in names for p in self.policy.adapter_params(name).values()])
@@ -737,8 +826,13 @@ class Trainer:
             self.stopped_by = stop.requested or "a signal to another process"
             self.log(f"{self.stopped_by}: stopped before training started; nothing new to save")
             return
-        if start == 0 and self.cfg.eval.every and main:
-            self._write_metrics({"epoch": -1, **self.evaluate(-1)})
+        # Rank 0 alone evaluates and writes checkpoints, unless the weights are sharded (FSDP): every
+        # forward pass and every gathering of the weights then needs all ranks, so all join in.
+        joins = main or self.policy.sharded
+        if start == 0 and self.cfg.eval.every and joins:
+            first = self.evaluate(-1)
+            if main:
+                self._write_metrics({"epoch": -1, **first})
         self.log(f"training epochs {start}..{epochs - 1} into {self.out}")
         progress = count_progress("train epochs", epochs - start) if main else contextlib.nullcontext(lambda n: None)
         with progress as advance:
@@ -746,7 +840,7 @@ class Trainer:
                 metrics = self.train_epoch(epoch)
                 last = epoch == epochs - 1
                 evaluated = (self.cfg.eval.every and (epoch + 1) % self.cfg.eval.every == 0) or last
-                if evaluated and main:
+                if evaluated and joins:
                     metrics |= self.evaluate(epoch)
                 if main:
                     self._write_metrics(metrics)
@@ -758,7 +852,7 @@ class Trainer:
                 stopping = self.world.any(stop.requested is not None)
                 if stopping and stop.requested is None:
                     stop.requested = "a signal to another process"
-                if ((self.cfg.checkpoint.every and (epoch + 1) % self.cfg.checkpoint.every == 0) or last or stopping) and main:
+                if ((self.cfg.checkpoint.every and (epoch + 1) % self.cfg.checkpoint.every == 0) or last or stopping) and joins:
                     self._save_checkpoint(epoch)
                 advance(1)
                 if stopping and not last:
@@ -872,6 +966,8 @@ class Trainer:
         `offset` of the step's images: micro-batch m draws the estimator noise of micro-batch
         `offset + m` of the single-process step, and the gradients (each rank's scaled as if its
         share were the whole step) are averaged over ranks, so the update is the single-process one.
+        Sharded (FSDP), every rank must run the same backward passes: the ranks agree on each
+        finiteness check, so that they all stop the step together or none does.
 
         Returns:
             (metric sums of the step, the clipped gradient norm, None) when every loss and
@@ -894,11 +990,16 @@ class Trainer:
                     f"micro-batch {(offset + m) // c.train.micro_batch} (images {offset + m}..{offset + m + len(idx) - 1} of the step), "
                     f"term {j} (mean t={float(terms.t.float().mean()):.3g}) of objective {self.p.objective.kind!r}"
                 )
-                if not bool(torch.isfinite(out.loss.detach())):
-                    bad = f"non-finite loss ({float(out.loss.detach()):g}) in {where}"
+                finite = bool(torch.isfinite(out.loss.detach()))
+                if not self._agreed(finite):
+                    bad = (
+                        f"non-finite loss ({float(out.loss.detach()):g}) in {where}"
+                        if not finite
+                        else f"a non-finite loss on another process in {where}"
+                    )
                     break
                 (out.loss * (len(idx) / per_step)).backward()
-                if not grads_finite(params):
+                if not self._agreed(grads_finite(params)):
                     bad = f"non-finite gradient from the backward pass of {where}"
                     break
                 for k, v in out.metrics.items():
@@ -910,21 +1011,38 @@ class Trainer:
         if bad is not None:
             return {}, None, bad
         norm = torch.nn.utils.clip_grad_norm_(params, c.optimizer.grad_clip)
+        if self.policy.sharded:  # a DTensor: the norm over every rank's shards
+            norm = norm.full_tensor()
         if not bool(torch.isfinite(norm)):
             return {}, None, f"non-finite gradient norm ({float(norm):g})"
         return dict(sums), float(norm), None
 
+    def _agreed(self, ok: bool) -> bool:
+        """`ok` on every rank when the weights are sharded (one rank leaving the micro-batch loop alone
+        would leave the others waiting in FSDP's collectives); else this rank's `ok`, no collective."""
+        if self.policy.sharded:
+            return not self.world.any(not ok)
+        return ok
+
     def _average_step(self, params: Sequence[torch.nn.Parameter], sums: dict[str, float], bad: str | None) -> str | None:
         """Make every rank agree on a step: skipped by all when any rank saw a non-finite value,
-        else gradients and metric sums averaged over ranks, in place. Returns the reason to skip."""
+        else gradients and metric sums averaged over ranks, in place. Returns the reason to skip.
+
+        Sharded (FSDP), the backward passes already averaged the gradients (reduce-scatter): only the
+        metric sums are averaged here.
+        """
         if self.world.any(bad is not None):
             return bad or f"a non-finite loss or gradient on another process (this is rank {self.world.rank})"
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        if self.policy.sharded:
+            grads = []
+        else:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
         keys = sorted(sums)
         values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        self.world.average_([p.grad for p in params] + [values])
+        self.world.average_(grads + [values])
         sums.update(zip(keys, values.tolist()))
         return None
 
@@ -1018,6 +1136,9 @@ class Trainer:
 
         A reward that raises follows `train.on_reward_error`: "fail" stops the run; "drop-group"
         leaves that reward out of this evaluation and logs `eval/<label>/failures` (all images).
+
+        Sharded weights (FSDP): every rank samples the same images (each forward pass needs all
+        ranks); rank 0 alone scores them, and the other ranks return {}.
         """
         c = self.cfg
         t0 = time.perf_counter()
@@ -1032,6 +1153,8 @@ class Trainer:
         which = c.eval.weights
         rollout = roll_out(self.policy, self.stages.eval_sampler, batch, cond, seeds, which, max(c.train.micro_batch, 64))
         self.policy.activate("policy")
+        if not self.world.is_main:
+            return {}
         out: dict[str, float] = {}
         marks = None
         for reward in self.stages.rewards:
@@ -1080,26 +1203,41 @@ class Trainer:
         Order (each step atomic, so a kill at any point leaves a consistent folder): files into a
         temporary folder, fsync each and the folder, rename to epoch-N, fsync checkpoints/, rewrite
         `latest`, prune. Scratch left by a killed write is dot-named and removed by the next write.
+
+        A full fine-tune writes whole transformer state dicts and the optimizer state keyed by
+        parameter name, both independent of the number of processes. Sharded, every rank calls
+        this: the weights and optimizer state are gathered to rank 0, which alone writes.
         """
         from safetensors.torch import save_file
 
+        full, main = self.policy.full is not None, self.world.is_main
         root = self.out / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_scratch(root)
         final = root / f"epoch-{epoch}"
         tmp = root / f".tmp-epoch-{epoch}"
-        tmp.mkdir()
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_scratch(root)
+            tmp.mkdir()
         meta = {"epoch": str(epoch), "base_model": self.cfg.model.path, "rank": str(self.cfg.model.lora.rank), "alpha": str(self.cfg.model.lora.alpha)}
-        for name in ADAPTERS:
-            state = {k: v.contiguous().cpu() for k, v in self.policy.adapter_state(name).items()}
-            save_file(state, tmp / f"{name}.safetensors", metadata=meta)
-        _pause_for_tests()
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if full:  # no LoRA rank or alpha: `flowrl export-lora` reads "finetune" to refuse these files
+            meta = {"epoch": str(epoch), "base_model": self.cfg.model.path, "finetune": "full"}
+        for name in ADAPTERS:  # one at a time: a full fine-tune's state dicts are whole models
+            state = {k: v.contiguous().cpu() for k, v in self.policy.adapter_state(name).items()}  # gathered to rank 0 when sharded
+            if main:
+                save_file(state, tmp / f"{name}.safetensors", metadata=meta)
+            del state
+        if main:
+            _pause_for_tests()
+        optimizer = self.policy.full.optimizer_state(self.optimizer) if full else self.optimizer.state_dict()
+        if not main:
+            return final
+        torch.save(optimizer, tmp / "optimizer.pt")
         state = {
             "epoch": epoch,
             "torch_rng": torch.get_rng_state().tolist(),
             "skipped_total": self.skipped_total,
             "bad_in_a_row": self.bad_in_a_row,
+            "finetune": self.cfg.model.finetune,
         }
         (tmp / STATE_FILE).write_text(json.dumps(state))  # last: its presence marks a complete folder
         for f in tmp.iterdir():
@@ -1122,11 +1260,18 @@ class Trainer:
                 _remove_tree(old)
 
     def _load_checkpoint(self, path: Path) -> None:
+        """Restore the weights, optimizer state and trainer state of a checkpoint folder. A full
+        fine-tune's files are whole state dicts: every rank reads them and keeps its shard."""
         from safetensors.torch import load_file
 
-        for name in ADAPTERS:
-            self.policy.load_adapter_state(name, {k: v.to(self.device) for k, v in load_file(path / f"{name}.safetensors").items()})
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        if self.policy.full is not None:
+            for name in ADAPTERS:
+                self.policy.load_adapter_state(name, load_file(path / f"{name}.safetensors"))
+            self.policy.full.load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location="cpu"))
+        else:
+            for name in ADAPTERS:
+                self.policy.load_adapter_state(name, {k: v.to(self.device) for k, v in load_file(path / f"{name}.safetensors").items()})
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
         state = json.loads((path / STATE_FILE).read_text())
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.skipped_total = int(state.get("skipped_total", 0))  # absent in checkpoints of older versions

@@ -86,3 +86,71 @@ def test_missing_model_is_a_clear_error(tmp_path):
         load_pipeline(str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="local diffusers folder"):
         load_pipeline("someone/not-a-cached-model")
+
+
+# ------------------------------------------------------------------------------ full fine-tuning
+
+BASE_WEIGHTS = TOY_MODEL / "transformer" / "diffusion_pytorch_model.safetensors"
+
+
+def test_full_finetune_trains_every_weight_of_its_own_copy_and_blends():
+    from safetensors.torch import load_file
+
+    base = load_file(BASE_WEIGHTS)
+    policy = FlowPolicy.from_config(ModelConfig(path=str(TOY_MODEL), finetune="full"), reference=True)
+    assert policy.finetune == "full" and list(policy.full.modules) == ["policy", "old", "ema", "ref"]
+    cond = policy.encode(PROMPTS)
+    x, t = torch.randn(2, *policy.latent_shape), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        v = {w: policy.velocity(x, t, cond, w) for w in ("policy", "old", "ema", "ref")}
+    assert all(torch.equal(v["ref"], v[w]) for w in ("policy", "old", "ema")), "every copy starts as the base"
+
+    params = policy.trainable_parameters()
+    names = dict(policy.adapter_params("policy"))
+    assert set(names) == set(base) - {"pos_embed.pos_embed"}, "every transformer weight (pos_embed is a buffer)"
+    policy.velocity(x, t, cond, "policy").square().mean().backward()
+    assert all(p.grad is not None and p.dtype == torch.float32 for p in params)
+    for other in ("old", "ema", "ref"):
+        assert not any(p.requires_grad or p.grad is not None for p in policy.adapter_params(other).values()), other
+    dead = sorted(k for k, p in names.items() if not bool(p.grad.any()))
+    # SD3's last block is context_pre_only: its text-stream output is dropped, so its text query is unused.
+    assert dead == [f"transformer_blocks.3.attn.{n}" for n in ("add_q_proj.bias", "add_q_proj.weight", "norm_added_q.weight")]
+    torch.optim.SGD(params, lr=0.1).step()
+    for p in params:
+        p.grad = None
+    moved = policy.adapter_state("policy")
+    assert all(not torch.equal(moved[k], base[k]) for k in names if k not in dead), "the step moves every weight"
+    ref = policy.full.modules["ref"].state_dict()
+    assert all(torch.equal(ref[k], base[k]) for k in base), "the reference stays the base"
+    with torch.no_grad():
+        assert torch.equal(policy.velocity(x, t, cond, "ref"), v["ref"])
+        assert torch.equal(policy.velocity(x, t, cond, "old"), v["old"]), "other copies must not move"
+
+    for dst, decay in (("old", 0.25), ("ema", 0.9)):
+        before = policy.adapter_state(dst)
+        policy.blend_adapter(dst, "policy", decay)
+        after = policy.adapter_state(dst)
+        for k in before:
+            torch.testing.assert_close(after[k], decay * before[k] + (1 - decay) * moved[k], rtol=1e-6, atol=1e-7)
+    policy.copy_adapter("policy", "old")
+    assert all(torch.equal(a, moved[k]) for k, a in policy.adapter_state("old").items())
+    policy.load_adapter_state("policy", base)
+    with torch.no_grad():
+        assert torch.equal(policy.velocity(x, t, cond, "policy"), v["ref"]), "a loaded state dict is the weights"
+
+
+def test_full_finetune_keeps_float32_masters_and_makes_the_reference_only_when_asked():
+    policy = FlowPolicy.from_config(ModelConfig(path=str(TOY_MODEL), dtype="bfloat16", finetune="full"))
+    assert list(policy.full.modules) == ["policy", "old", "ema"]
+    assert policy.dtype == torch.bfloat16, "forward passes compute in model.dtype"
+    assert all(p.dtype == torch.float32 for w in ("policy", "old", "ema") for p in policy.adapter_params(w).values())
+    cond = policy.encode(PROMPTS)
+    x, t = torch.randn(2, *policy.latent_shape), torch.tensor([0.3, 0.8])
+    v = policy.velocity(x, t, cond, "policy")
+    v.square().mean().backward()
+    assert v.dtype == torch.float32 and bool(torch.isfinite(v).all())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in policy.trainable_parameters())
+    with pytest.raises(FlowrlError, match="objective.kl.beta > 0"):
+        policy.velocity(x, t, cond, "ref")
+    with pytest.raises(FlowrlError, match="LoRA checkpoint"):
+        policy.load_adapter_state("policy", {"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1)})

@@ -1,4 +1,5 @@
-"""Pure helpers of the trainer: learning-rate schedule, group-preserving order, rollout autocast."""
+"""Pure helpers of the trainer: learning-rate schedule, group-preserving order, rollout autocast,
+how a resume treats model.finetune."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from flowrl.train import group_order, learning_rate, rollout_autocast
+from flowrl.config import diff_configs
+from flowrl.train import group_order, learning_rate, resume_category, rollout_autocast, with_implicit_settings
 
 
 def test_constant_schedule_with_warmup():
@@ -72,3 +74,21 @@ def test_tag_metrics_log_each_tag_of_rewards_that_summarise_by_tag():
     assert tag_metrics(mix, {"geneval": out, "other": out}, {"geneval": 1}, meta) == {}  # a failed image: no verdict
     assert tag_metrics(mix, {"geneval": out, "other": out}, {}, meta[:2]) == {}  # another rank's images
     assert tag_metrics(mix, {"geneval": out, "other": out}, {}, ()) == {}
+
+
+def test_finetune_is_fixed_for_a_run_and_lora_settings_do_not_matter_to_a_full_one():
+    assert resume_category("model.finetune") == resume_category("model.finetune", "full") == "fixed"
+    assert resume_category("model.lora.rank") == "fixed"
+    assert resume_category("model.lora.rank", "full") == "free", "a full fine-tune ignores model.lora"
+    assert resume_category("model.dtype", "full") == "guarded"
+
+
+def test_a_run_from_before_model_finetune_resumes_as_lora_without_a_change():
+    old = {"model": {"path": "assets/toy-sd3", "dtype": "float32"}, "train": {"epochs": 3}}
+    new = {"model": {"path": "assets/toy-sd3", "dtype": "float32", "finetune": "lora"}, "train": {"epochs": 3}}
+    assert with_implicit_settings(old)["model"]["finetune"] == "lora" and "finetune" not in old["model"]
+    assert diff_configs(with_implicit_settings(old), new) == []
+    full = {**new, "model": {**new["model"], "finetune": "full"}}
+    (change,) = diff_configs(with_implicit_settings(old), full)
+    assert change.key == "model.finetune" and (change.old, change.new) == ("lora", "full")
+    assert with_implicit_settings({"model": "odd"}) == {"model": "odd"}, "a malformed file is left to the diff"
