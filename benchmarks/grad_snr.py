@@ -85,7 +85,7 @@ def measure(pipeline_path: str, overrides: list[str], rollouts: int, draws: int,
 
     from flowrl.config import load_pipeline
     from flowrl.distributed import init_world
-    from flowrl.train import Trainer, encode_batch, group_order, derive_seed, roll_out, rollout_autocast
+    from flowrl.train import Trainer, derive_seed, group_order
 
     p = load_pipeline(pipeline_path, [*overrides, "optimizer.grad_clip=1e9", "train.steps_per_epoch=1"])
     trainer = Trainer(p, out=Path("/nonexistent-grad-snr"), log=lambda s: None)
@@ -101,11 +101,7 @@ def measure(pipeline_path: str, overrides: list[str], rollouts: int, draws: int,
         t0 = time.perf_counter()
         batch = trainer._pick_prompts(epoch)
         order = group_order(batch.group_ids, torch.Generator().manual_seed(derive_seed(c.train.seed, epoch, 3)))
-        cond = encode_batch(trainer.policy, list(batch.prompts), trainer.with_negative)
-        seeds = [derive_seed(c.train.seed, epoch, 2, i) for i in range(len(batch.prompts))]
-        trainer.policy.transformer.eval()
-        with torch.no_grad(), rollout_autocast(trainer.device, c.train.rollout_precision):
-            rollout = roll_out(trainer.policy, trainer.stages.sampler, batch, cond, seeds, c.train.rollout_policy, c.train.micro_batch)
+        rollout = trainer.sample(batch, torch.arange(len(batch.prompts)), epoch)
         adv, metrics, _ = trainer.score(rollout, epoch)
         t_roll.append(time.perf_counter() - t0)
         trainer.policy.activate("policy")

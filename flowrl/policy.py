@@ -183,9 +183,6 @@ class FlowPolicy:
         """
         from flowrl.toy.model import read_card
 
-        full = cfg.finetune == "full"
-        if mesh is not None and not full:
-            raise ValueError("only a full fine-tune is sharded; LoRA adapters are replicated on every rank")
         if mesh is None:
             pipe = load_pipeline(cfg.path, _DTYPES[cfg.dtype]).to(device)
         else:
@@ -197,10 +194,7 @@ class FlowPolicy:
         max_len = cfg.max_sequence_length
         if max_len is None:
             max_len = card.get("max_sequence_length", 256)
-        if full:
-            policy = cls(pipe, cfg.lora, max_len, seed, finetune="full", copies=copies, reference=reference, mesh=mesh)
-        else:
-            policy = cls(pipe, cfg.lora, max_len, seed)
+        policy = cls(pipe, cfg.lora, max_len, seed, finetune=cfg.finetune, copies=copies, reference=reference, mesh=mesh)
         if cfg.gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()
         return policy

@@ -101,13 +101,14 @@ def pick_prompts(n_prompts: int, n_total: int, rng, tags: tuple[str, ...] | None
         raise ValueError(f"unknown prompt sampling {sampling!r}; use uniform or by-tag")
     if tags is None or len(tags) != n_total:
         raise ValueError("by-tag prompt sampling needs a tag for every prompt")
+    tag_of = np.asarray(tags)
     names = sorted(set(tags))
     slots = np.full(len(names), n_prompts // len(names))
     extra = rng.choice(len(names), size=n_prompts % len(names), replace=False)
     slots[extra] += 1
     chosen = []
     for name, k in zip(names, slots, strict=True):
-        members = np.flatnonzero(np.asarray(tags) == name)
+        members = np.flatnonzero(tag_of == name)
         rounds = -(-int(k) // len(members))
         order = np.concatenate([rng.permutation(members) for _ in range(rounds)]) if k else members[:0]
         chosen.append(order[:k])

@@ -1064,6 +1064,17 @@ class Trainer:
                 "train.rollout_precision). Fix the cause and continue with --resume, or raise train.max_bad_steps"
             )
 
+    def sample(self, batch: PromptBatch, positions: torch.Tensor, epoch: int) -> Rollout:
+        """The training rollout of `batch`, whose images sit at `positions` (int64 [b]) of the epoch:
+        encoded, then sampled by `train.rollout_policy` without grad in `train.rollout_precision`.
+        Image i of the epoch always gets the seed derive_seed(seed, epoch, 2, i), on any rank."""
+        c = self.cfg
+        cond = encode_batch(self.policy, list(batch.prompts), self.with_negative)
+        seeds = [derive_seed(c.train.seed, epoch, 2, i) for i in positions.tolist()]
+        self.policy.transformer.eval()
+        with torch.no_grad(), rollout_autocast(self.device, c.train.rollout_precision):
+            return roll_out(self.policy, self.stages.sampler, batch, cond, seeds, c.train.rollout_policy, c.train.micro_batch)
+
     def train_epoch(self, epoch: int) -> dict:
         c = self.cfg
         t0 = time.perf_counter()
@@ -1077,11 +1088,7 @@ class Trainer:
             mine = torch.sort(ranked).values
             order = torch.searchsorted(mine, ranked)
             batch = batch.subset(mine)
-        cond = encode_batch(self.policy, list(batch.prompts), self.with_negative)
-        seeds = [derive_seed(c.train.seed, epoch, 2, i) for i in mine.tolist()]  # image i: its seed on any rank
-        self.policy.transformer.eval()
-        with torch.no_grad(), rollout_autocast(self.device, c.train.rollout_precision):
-            rollout = roll_out(self.policy, self.stages.sampler, batch, cond, seeds, c.train.rollout_policy, c.train.micro_batch)
+        rollout = self.sample(batch, mine, epoch)
         t_roll = time.perf_counter()
         adv, metrics, _ = self.score(rollout, epoch, positions=mine if world.size > 1 else None)
         adv_all = adv
