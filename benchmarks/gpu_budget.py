@@ -229,8 +229,8 @@ def measure_profile(policy, reward_model, profile: Profile, args, device: torch.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    if profile.offload_text_encoders:
-        move_text_encoders(policy, device)
+    # An earlier offloading profile may have left the encoders on the CPU: bring them back either way.
+    move_text_encoders(policy, device)
     with clock.phase("encode"):
         cond = encode_batch(policy, batch_prompts, with_negative=False)
     if profile.offload_text_encoders:

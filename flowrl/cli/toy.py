@@ -25,9 +25,16 @@ def toy() -> None:
 @click.option("--vae-steps", type=int, default=None, help="VAE steps (default: the shipped recipe).")
 @click.option("--scenes", type=int, default=None, help="Rendered training scenes (default: the shipped recipe).")
 @click.option("--batch", type=int, default=None, help="Batch size of both phases.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate of the transformer (default: the shipped recipe).")
+@click.option("--init", "init", type=click.Path(path_type=Path), default=None,
+              help="Continue from this model folder (e.g. assets/toy-sd3): keep its VAE and text encoders, train its transformer on.")
+@click.option("--device", default="cpu", show_default=True, help="Where the transformer trains: cpu, cuda, cuda:1, ...")
+@click.option("--workers", type=int, default=1, show_default=True, help="Processes rendering the scenes (same data for any number).")
+@click.option("--minutes", type=float, default=None, help="Train as many steps as fit in this many minutes (timed here; replaces --steps).")
 @click.option("--force", is_flag=True, help="Replace OUT if it already holds a model.")
-def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, force: bool) -> None:
-    """Build and train the tiny SD3 from scratch on rendered scenes (about 38 min on 2 cores).
+def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, lr, init, device: str, workers: int, minutes, force: bool) -> None:
+    """Build and train the tiny SD3 from scratch on rendered scenes (about 38 min on 2 cores),
+    or continue training a model folder's transformer with --init.
 
     Writes a diffusers folder that StableDiffusion3Pipeline.from_pretrained(OUT) loads offline.
     """
@@ -38,13 +45,19 @@ def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, force: bool)
     if out.exists() and any(out.iterdir()) and not force:
         raise FlowrlError(f"{out} is not empty; pass --force to replace it or choose another --out")
     cfg = PretrainConfig(seed=seed)
-    overrides = {"steps": steps, "vae_steps": vae_steps, "n_scenes": scenes}
+    overrides = {"steps": steps, "vae_steps": vae_steps, "n_scenes": scenes, "workers": workers, "minutes": minutes, "lr": lr}
     if batch is not None:
         overrides |= {"batch": batch, "vae_batch": batch}
     for name, value in overrides.items():
         if value is not None and value <= 0:
-            raise FlowrlError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            raise FlowrlError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    del overrides["workers"], overrides["minutes"]
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if init is not None and not (init / "model_index.json").is_file():
+        raise FlowrlError(f"--init {init}: no model folder there (no model_index.json); pass a folder written by `flowrl toy pretrain`, such as assets/toy-sd3")
+    if init is not None and init.resolve() == out.resolve():
+        raise FlowrlError(f"--init and --out are the same folder ({out}); write the continued model to another --out")
+    _check_device(device)
 
     from flowrl.progress import PhaseProgress
 
@@ -53,7 +66,7 @@ def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, force: bool)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         with PhaseProgress() as progress:
-            run(tmp, cfg=cfg, log=progress.update)
+            run(tmp, cfg=cfg, log=progress.update, init=init, device=device, workers=workers, minutes=minutes)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -61,6 +74,18 @@ def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, force: bool)
         if tmp.exists():
             shutil.rmtree(tmp)
     click.echo(f"model written to {out}")
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot use, with what is available."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise FlowrlError(f"--device {device!r} is not a torch device ({err}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FlowrlError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
 
 
 def _read_prompts(prompts: str):

@@ -92,3 +92,31 @@ def test_sample_bad_metadata_line_is_reported(tmp_path: Path):
     bad.write_text('{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}\n{"tag": "colours"}\n')
     res = CliRunner().invoke(main, ["toy", "sample", "--prompts", str(bad), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and ":2" in res.output
+
+
+def test_pretrain_init_continues_the_transformer_and_keeps_the_vae(tmp_path: Path):
+    from flowrl.paths import TOY_MODEL
+
+    out = tmp_path / "cont"
+    res = run("toy", "pretrain", "--init", str(TOY_MODEL), "--steps", "2", "--scenes", "16", "--batch", "4", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (out / vae).read_bytes() == (Path(TOY_MODEL) / vae).read_bytes()
+    tr = "transformer/diffusion_pytorch_model.safetensors"
+    assert (out / tr).read_bytes() != (Path(TOY_MODEL) / tr).read_bytes()
+    card = json.loads((out / "flowrl_toy.json").read_text())
+    assert card["pretrain"]["steps"] == 2 and card["history"][-1]["pretrain"]["steps"] == 6000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--init", "/nonexistent/model"], "no model folder"), (["--device", "cuda:0"] , "--device")],
+)
+def test_pretrain_bad_init_or_device_exits_2(tmp_path: Path, args, message):
+    import torch
+
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the device is valid here")
+    res = CliRunner().invoke(main, ["toy", "pretrain", "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output

@@ -27,3 +27,12 @@ def test_dataset_is_seeded_and_captioned():
     assert torch.equal(a.images, b.images) and torch.equal(a.prompt_ids, b.prompt_ids)
     assert a.images.shape == (6, 3, 32, 32) and 0 <= float(a.images.min()) and float(a.images.max()) <= 1
     assert len(a.prompts) == 236 and all(0 <= i < 236 for i in a.prompt_ids.tolist())
+
+
+def test_dataset_does_not_depend_on_the_number_of_workers(monkeypatch):
+    import flowrl.toy.pretrain as pt
+
+    monkeypatch.setattr(pt, "CHUNK", 4)
+    a, b = pt.make_dataset(10, seed=3, resolution=32, workers=1), pt.make_dataset(10, seed=3, resolution=32, workers=2)
+    assert torch.equal(a.images, b.images) and torch.equal(a.prompt_ids, b.prompt_ids)
+    assert not torch.equal(a.images[:4], a.images[4:8]), "chunks must be seeded apart"
