@@ -45,16 +45,13 @@ def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, lr, init, de
     if out.exists() and any(out.iterdir()) and not force:
         raise FlowrlError(f"{out} is not empty; pass --force to replace it or choose another --out")
     cfg = PretrainConfig(seed=seed)
-    overrides = {"steps": steps, "vae_steps": vae_steps, "n_scenes": scenes, "workers": workers, "minutes": minutes, "lr": lr}
+    overrides = {"steps": steps, "vae_steps": vae_steps, "n_scenes": scenes, "lr": lr}
     if batch is not None:
         overrides |= {"batch": batch, "vae_batch": batch}
-    for name, value in overrides.items():
+    for name, value in {**overrides, "workers": workers, "minutes": minutes}.items():
         if value is not None and value <= 0:
             raise FlowrlError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    del overrides["workers"], overrides["minutes"]
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    if init is not None and not (init / "model_index.json").is_file():
-        raise FlowrlError(f"--init {init}: no model folder there (no model_index.json); pass a folder written by `flowrl toy pretrain`, such as assets/toy-sd3")
     if init is not None and init.resolve() == out.resolve():
         raise FlowrlError(f"--init and --out are the same folder ({out}); write the continued model to another --out")
     _check_device(device)

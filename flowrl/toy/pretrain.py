@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,7 @@ CHUNK = 2048
 
 
 def _render_chunk(args: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Scenes [start, start + count) of chunk `chunk`: (images float32 [count, 3, H, W], prompt ids)."""
+    """The `count` scenes of chunk `chunk`: (images float32 [count, 3, H, W], prompt ids int64 [count])."""
     seed, chunk, count, resolution = args
     rng = np.random.default_rng([seed, chunk])
     records = all_records()
@@ -163,8 +163,8 @@ def encode_latents(vae, images: torch.Tensor, chunk: int = 256, device: str | to
         vae.to(home)
 
 
-def _transformer_step(transformer, opt, params, batch: dict, cfg: PretrainConfig) -> tuple[float, float]:
-    """One rectified-flow step on `batch` (x0, ids, t, eps, embeds); returns (loss, grad norm) tensors."""
+def _transformer_step(transformer, opt, params, batch: dict, cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One rectified-flow step on `batch` (x0, t, eps, prompt_embeds, pooled); returns (loss, grad norm), 0-d tensors."""
     t = batch["t"]
     tb = t.view(-1, 1, 1, 1)
     xt = (1 - tb) * batch["x0"] + tb * batch["eps"]
@@ -269,6 +269,11 @@ def load_init(path: Path) -> tuple[object, ToyModelConfig, dict]:
     """
     from flowrl.policy import load_pipeline
 
+    if not (path / "model_index.json").is_file():
+        raise FlowrlError(
+            f"--init {path}: no model folder there (no model_index.json); pass a folder written by "
+            "`flowrl toy pretrain`, such as assets/toy-sd3"
+        )
     card = read_card(path)
     if not card.get("config"):
         raise FlowrlError(
@@ -296,7 +301,8 @@ def pretrain(
     Args:
         init: continue from this model folder: its VAE, text encoders and latent normalisation are
             kept and the VAE phase is skipped; `model_cfg` is read from its card.
-        device: where the transformer trains ("cpu", "cuda", ...); the VAE always runs on the CPU.
+        device: where the transformer trains ("cpu", "cuda", ...); with `init`, the VAE encodes the
+            scenes there too (a from-scratch VAE trains on the CPU).
         workers: processes that render the scenes (the data do not depend on it).
         minutes: if set, `cfg.steps` is replaced by the number of steps that fit in this many
             minutes, timed on this machine (the card records the number, to repeat the run).
@@ -316,7 +322,8 @@ def pretrain(
         if log is not None:
             log(phase, step, total, values)
 
-    if torch.device(device).type == "cuda":
+    target = torch.device(device)
+    if target.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     history: list[dict] = []
@@ -335,7 +342,7 @@ def pretrain(
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         pipe = make_pipeline(components)
     else:
-        raw = encode_latents(pipe.vae, data.images, chunk=256 if device == "cpu" else 4096, device=device)
+        raw = encode_latents(pipe.vae, data.images, chunk=256 if target.type == "cpu" else 4096, device=target)
         shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     latents = (raw - shift) * scale
     del raw
@@ -346,7 +353,6 @@ def pretrain(
             data.prompts + [""], None, None, do_classifier_free_guidance=False,
             max_sequence_length=model_cfg.t5_max_length,
         )
-    target = torch.device(device)
     transformer = pipe.transformer.to(target)
     for p in transformer.parameters():
         p.requires_grad_(True)
@@ -379,6 +385,4 @@ def pretrain(
 
 def replace_steps(cfg: PretrainConfig, steps: int) -> PretrainConfig:
     """`cfg` with `steps` transformer steps and a warm-up of at most a tenth of them."""
-    from dataclasses import replace
-
     return replace(cfg, steps=steps, warmup=min(cfg.warmup, max(1, steps // 10)))

@@ -110,13 +110,13 @@ def test_pretrain_init_continues_the_transformer_and_keeps_the_vae(tmp_path: Pat
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--init", "/nonexistent/model"], "no model folder"), (["--device", "cuda:0"] , "--device")],
+    [(["--init", "/nonexistent/model"], "no model folder"), (["--device", "gpu"], "not a torch device"), (["--device", "cuda:0"], "no CUDA GPU")],
 )
-def test_pretrain_bad_init_or_device_exits_2(tmp_path: Path, args, message):
+def test_pretrain_bad_init_or_device_exits_2(tmp_path: Path, monkeypatch, args, message):
     import torch
 
-    if "--device" in args and torch.cuda.is_available():
-        pytest.skip("a GPU is visible: the device is valid here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
     res = CliRunner().invoke(main, ["toy", "pretrain", "--out", str(tmp_path / "o"), *args])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
