@@ -10,10 +10,10 @@ Targets:
 
 Seeding: image ``i`` of an evaluation (prompt ``i // K``, sample ``i % K`` with K images per prompt)
 starts from ``torch.Generator().manual_seed(seed + i)`` noise, ``seed`` = 0 by default. This is the
-rule of ``flowrl toy sample``, so the embedded model's base score in the README (0.347, 20-step
+rule of ``flowrl toy sample``, so the embedded model's base score in the README (0.601, 20-step
 Euler, no CFG) is reproduced exactly; it does not depend on the batch size. The trainer's periodic
-evaluation seeds image ``i`` with ``derive_seed(eval.seed, i)`` instead, so its numbers are another
-draw of the same quantity (docs/eval.md).
+evaluation uses the same rule (``eval.seed + i``), so a run's epoch -1 score is this one
+(docs/eval.md).
 
 Output folder (``--out``; default ``TARGET/eval/<tag>`` for runs and checkpoints, and
 ``outputs/eval/<model>/<tag>`` for base models, which keeps shipped model folders clean)::

@@ -48,6 +48,40 @@ def plot_run(metrics_path: Path, out_png: Path, title: str = "") -> Path:
     return save_figure(fig, out_png)
 
 
+def plot_runs(runs: list[tuple[str, Path]], out_png: Path, eval_key: str = "eval/geneval", title: str = "") -> Path:
+    """Compare runs side by side against epochs: eval score, train reward and KL to the reference.
+
+    Args:
+        runs: (label, metrics.jsonl path) per run, one colour each.
+        eval_key: the eval metric of the first panel.
+    A run without a KL term (no `train/kl`, or only zeros: the trainer logs 0 when beta is 0) leaves
+    the third panel empty for its colour.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    panels = ((eval_key, "o", 2.0), ("reward/mean", None, 1.0), ("train/kl", None, 1.0))
+    for i, (label, path) in enumerate(runs):
+        rows = read_metrics(path)
+        for ax, (key, marker, lw) in zip(axes, panels):
+            have = [r for r in rows if key in r]
+            if key == "train/kl" and not any(r[key] for r in have):
+                continue
+            ax.plot([r["epoch"] + 1 for r in have], [r[key] for r in have], color=f"C{i}", marker=marker, lw=lw, label=label)
+    for ax, (key, _, _) in zip(axes, panels):
+        ax.set_xlabel("epochs")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[2].set_yscale("symlog", linthresh=0.1)
+    axes[0].legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, out_png)
+
+
 def save_figure(fig, out_png: str | Path) -> Path:
     """Write a matplotlib figure as a PNG (parent folders created) and free it."""
     import matplotlib.pyplot as plt

@@ -24,7 +24,7 @@ as the prompt set (for a base model: toy-test for the embedded toy model,
 else --prompts is required). GenEval draws 4 images per prompt. Image i uses
 the seed --seed + i, whatever the batch size: with the defaults,
 `flowrl eval --reward geneval assets/toy-sd3` reproduces the toy model's
-README base score (0.347).
+README base score (0.601).
 
 \b
 Writes OUT (default TARGET/eval/<settings>, or outputs/eval/<model>/<settings>

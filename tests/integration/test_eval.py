@@ -86,12 +86,12 @@ def test_base_model_reproduces_readme_score(tmp_path: Path):
     assert s["n_images"] == 316 and s["n_prompts"] == 79
     assert s["settings"]["seeds"]["first"] == 0 and s["settings"]["seeds"]["last"] == 315
     assert (s["settings"]["sampler"], s["settings"]["steps"], s["settings"]["guidance"]) == ("euler", 20, 1.0)
-    readme = {"single_object": 1.0, "two_object": 0.25, "counting": 0.0, "colors": 0.6, "position": 0.15625, "color_attr": 0.078125}
+    readme = {"single_object": 1.0, "two_object": 0.5625, "counting": 0.375, "colors": 0.95, "position": 0.375, "color_attr": 0.34375}
     assert s["per_tag"] == pytest.approx(readme, abs=1e-12)
-    assert f"{s['overall']:.3f}" == "0.347"
-    assert f"{s['prompt_share']:.3f}" == "0.392"
-    assert f"{s['rewards']['geneval']['details']['dense']:.3f}" == "0.375"
-    assert table_value(res.output, "overall") == "0.347"
+    assert f"{s['overall']:.3f}" == "0.601"
+    assert f"{s['prompt_share']:.3f}" == "0.873"
+    assert f"{s['rewards']['geneval']['details']['dense']:.3f}" == "0.657"
+    assert table_value(res.output, "overall") == "0.601"
     print(f"full toy base evaluation took {elapsed:.1f} s")
 
 

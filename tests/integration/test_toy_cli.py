@@ -105,7 +105,10 @@ def test_pretrain_init_continues_the_transformer_and_keeps_the_vae(tmp_path: Pat
     tr = "transformer/diffusion_pytorch_model.safetensors"
     assert (out / tr).read_bytes() != (Path(TOY_MODEL) / tr).read_bytes()
     card = json.loads((out / "flowrl_toy.json").read_text())
-    assert card["pretrain"]["steps"] == 2 and card["history"][-1]["pretrain"]["steps"] == 6000
+    init_card = json.loads((Path(TOY_MODEL) / "flowrl_toy.json").read_text())
+    assert card["pretrain"]["steps"] == 2
+    assert card["history"][:-1] == init_card["history"]  # the init folder's own history, then its run
+    assert card["history"][-1]["pretrain"] == init_card["pretrain"] and card["history"][-1]["init"] == init_card["init"]
 
 
 @pytest.mark.parametrize(
