@@ -11,16 +11,23 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported on first use: it is slow to load)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_run(metrics_path: Path, out_png: Path, title: str = "") -> Path:
     """Plot train reward and every headline eval metric against epoch and wall-clock time.
 
     The x axis of the time panel is cumulative training time (sum of time/epoch_s), so evals do not
     count as training.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_metrics(metrics_path)
     train = [r for r in rows if r["epoch"] >= 0 and "reward/mean" in r]
@@ -57,10 +64,7 @@ def plot_runs(runs: list[tuple[str, Path]], out_png: Path, eval_key: str = "eval
     A run without a KL term (no `train/kl`, or only zeros: the trainer logs 0 when beta is 0) leaves
     the third panel empty for its colour.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     panels = ((eval_key, "o", 2.0), ("reward/mean", None, 1.0), ("train/kl", None, 1.0))

@@ -1247,11 +1247,9 @@ def mean_curve(label: str, role: str, runs: Sequence[RunResult]) -> Curve | None
 
 def plot_curves(curves: Sequence[Curve], x: Literal["seconds", "epochs"], out_png: Path, base: float | None, title: str = "") -> Path:
     """One line per combination, shaded ± std; the reference recipes drawn thicker."""
-    import matplotlib
+    from flowrl.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 6), constrained_layout=True)
     cmap = plt.get_cmap("tab20")
     for i, c in enumerate(curves):
@@ -1271,8 +1269,6 @@ def plot_curves(curves: Sequence[Curve], x: Literal["seconds", "epochs"], out_pn
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     if title:
         ax.set_title(title)
-    from flowrl.plots import save_figure
-
     return save_figure(fig, out_png)
 
 
