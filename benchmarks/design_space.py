@@ -14,6 +14,12 @@ Usage::
     .venv/bin/python benchmarks/design_space.py --report-only # rebuild the report from the run folders
     .venv/bin/python benchmarks/design_space.py --tiny --out /tmp/ds --report /tmp/ds/results.md  # smoke test
 
+Before planning, the study measures this machine (OUT/calibration.json): each combination trains
+2 epochs of about 64 images (a probe), and the base model's evaluation is timed; epochs are then
+allocated from these seconds rather than from the cost model's, which was measured on another day.
+The file is reused, so a resumed study keeps its plan; --recalibrate measures again, --no-calibrate
+plans from the cost model alone.
+
 Runs go to OUT/<combination>/seed-<s>/ (a trainer run folder; evaluations in evals/<settings>/
 epoch-N/, and study.json once finished). Rerunning the same command skips finished runs, resumes
 interrupted ones (the trainer's --resume) and evaluations (flowrl eval's own resume).
@@ -101,6 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threshold", action="append", default=[], metavar="SPEC", help=f"score to reach: 0.8 or base+0.05 (repeatable; default: {' '.join(study.DEFAULT_THRESHOLDS)})")
     ap.add_argument("--clock", choices=("measured", "median"), default="measured", help="training time: sum of measured epoch times, or epochs x median epoch time (robust to other processes)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
+    cal = ap.add_mutually_exclusive_group()
+    cal.add_argument("--no-calibrate", action="store_true", help="plan from the cost model's estimates; probe nothing")
+    cal.add_argument("--recalibrate", action="store_true", help="probe every combination again, even if OUT/calibration.json has it")
     return ap.parse_args(argv)
 
 
@@ -212,12 +221,85 @@ def n_test_prompts(ev: study.EvalSettings) -> int:
     return len(load_prompt_set(ev.prompts))
 
 
-def make_plan(s: Settings) -> study.StudyPlan:
-    entries = check_entries(s)
+def make_plan(s: Settings, calibration: study.Calibration | None = None, entries: list[study.GridEntry] | None = None) -> study.StudyPlan:
+    entries = check_entries(s) if entries is None else entries
     return study.plan_study(
         entries, s.seeds, s.budget_s, s.eval, n_test_prompts(s.eval), s.evals_per_run,
-        allocation=s.allocation, epochs=resolve_epochs(s, entries),
+        allocation=s.allocation, epochs=resolve_epochs(s, entries), calibration=calibration,
     )
+
+
+# ---------------------------------------------------------------------------------- calibration
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def load_calibration(out: Path) -> study.Calibration | None:
+    """OUT/calibration.json, or None when there is none.
+
+    Raises:
+        FlowrlError: the file is there but unreadable (it is never silently replaced).
+    """
+    path = out / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return study.Calibration.from_json(json.loads(path.read_text()))
+    except ValueError as err:
+        raise FlowrlError(f"{path} is not a calibration file ({err}); delete it or pass --recalibrate to measure again") from None
+
+
+def probe(entry: study.GridEntry, folder: Path, log) -> study.Probe:
+    """Train the combination for a couple of small epochs in `folder` (deleted afterwards) and time it."""
+    import shutil
+
+    from flowrl.config import load_pipeline
+    from flowrl.train import Trainer
+
+    batch = study.probe_batch(entry.pipeline)
+    overrides = (*entry.overrides, *study.probe_overrides(entry.pipeline, batch))
+    p = load_pipeline(study.PIPELINES / entry.combo.pipeline, overrides)
+    shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.perf_counter()
+    trainer = Trainer(p, folder, log=log)
+    trainer.run()
+    wall = time.perf_counter() - t0
+    if trainer.stopped_by is not None:
+        raise Stopped(f"{trainer.stopped_by} while probing {entry.combo.name}")
+    rows = [r for r in study.read_jsonl(folder / "metrics.jsonl") if "time/epoch_s" in r]
+    shutil.rmtree(folder, ignore_errors=True)
+    return study.Probe(batch, float(rows[-1]["time/epoch_s"]), wall)
+
+
+def calibrate(s: Settings, entries: list[study.GridEntry], console, again: bool = False) -> study.Calibration:
+    """Time the base model's evaluation (when it has not run yet) and probe each combination that
+    OUT/calibration.json lacks (every one with `again`); saves and returns the merged calibration."""
+    import platform
+
+    say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # noqa: E731
+    quiet = lambda text: console.print(f"    {text}", highlight=False, style="dim", soft_wrap=True)  # noqa: E731
+    old = None if again else load_calibration(s.out)
+    have = old or study.Calibration({}, {})
+    todo = [e for e in entries if e.refused is None and e.combo.name not in have.probes]
+    evals: dict[str, float] = {}
+    if study.eval_score(base_folder(s)) is None:
+        say("[bold]base model[/]: evaluating (shared by every run; timed for the plan)")
+        t = time.perf_counter()
+        evaluate_base(s, quiet)
+        evals[s.eval.tag()] = time.perf_counter() - t
+    probes = {}
+    for i, e in enumerate(todo, 1):
+        say(f"[bold]probe {i}/{len(todo)}[/] {e.combo.name}: {study.PROBE_EPOCHS} epochs of {study.probe_batch(e.pipeline)} images")
+        probes[e.combo.name] = probe(e, s.out / ".probes" / e.combo.name, quiet)
+        say(f"    {probes[e.combo.name].epoch_at(e.pipeline.config.train.batch_size):.1f} s per epoch of {e.pipeline.config.train.batch_size} images")
+    if not probes and not evals and old is not None:
+        return old
+    host = f"{platform.node()} ({os.cpu_count()} CPUs)"
+    cal = have.merged(study.Calibration(probes, evals, host, dt.datetime.now().isoformat(timespec="seconds")))
+    s.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(s.out / CALIBRATION_FILE, cal.to_json())
+    return cal
 
 
 # ------------------------------------------------------------------------------------- running
@@ -400,9 +482,27 @@ def write_report(s: Settings, plan: study.StudyPlan, console, command: str) -> P
     return s.report
 
 
+def show_plan(plan: study.StudyPlan, console) -> None:
+    for line in study.plan_lines(plan):
+        console.print(line, highlight=False, soft_wrap=True)
+
+
+def refuse_over_budget(plan: study.StudyPlan, yes: bool, console) -> bool:
+    """True when the plan may run: it fits its budget, or --yes was given; else says why not."""
+    if plan.fits or yes:
+        return True
+    console.print(
+        f"[red]refused[/]: the plan needs {study.format_duration(plan.total_s)}, over the budget of "
+        f"{study.format_duration(plan.budget_s)}. Pass --yes to run it anyway, or lower --epochs, --seeds, "
+        "--evals-per-run or --eval-images-per-prompt (or raise --budget-hours).",
+        highlight=False, soft_wrap=True,
+    )
+    return False
+
+
 def report_command(argv: list[str]) -> str:
     """The command that rebuilds this report."""
-    keep = [a for a in argv if a not in ("--report-only", "--yes", "--plan-only")]
+    keep = [a for a in argv if a not in ("--report-only", "--yes", "--plan-only", "--recalibrate")]
     return shlex.join(["python", "benchmarks/design_space.py", *keep, "--report-only"])
 
 
@@ -420,26 +520,29 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        plan = make_plan(s)
-        for line in study.plan_lines(plan):
-            console.print(line, highlight=False, soft_wrap=True)
+        entries = check_entries(s)
+        plan = make_plan(s, None if args.no_calibrate else load_calibration(s.out), entries)
+        measure = not (args.no_calibrate or args.report_only or args.plan_only)
+        if not measure or not plan.fits:
+            show_plan(plan, console)
         if args.report_only:
             write_report(s, plan, console, report_command(argv))
             return 0
         if not plan.runs:
             raise FlowrlError("no combination of this selection passes the graph check (see 'skipped' above); nothing to run")
-        if not plan.fits and not args.yes:
-            console.print(
-                f"[red]refused[/]: the plan needs {study.format_duration(plan.total_s)}, over the budget of "
-                f"{study.format_duration(plan.budget_s)}. Pass --yes to run it anyway, or lower --epochs, --seeds, "
-                "--evals-per-run or --eval-images-per-prompt (or raise --budget-hours).",
-                highlight=False, soft_wrap=True,
-            )
+        if not refuse_over_budget(plan, args.yes, console):
             return 2
         if args.plan_only:
+            if plan.source == "estimated":
+                console.print("(not calibrated yet: a run first measures this machine and may choose other epochs)", highlight=False)
             return 0
         s.out.mkdir(parents=True, exist_ok=True)
         try:
+            if measure:
+                plan = make_plan(s, calibrate(s, entries, console, again=args.recalibrate), entries)
+                show_plan(plan, console)
+                if not refuse_over_budget(plan, args.yes, console):
+                    return 2
             run_study(s, plan, console)
         except Stopped as why:
             console.print(f"stopped ({why}); the run is checkpointed. Rerun the same command to resume.", highlight=False)

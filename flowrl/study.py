@@ -283,6 +283,103 @@ class CostModel:
         return self.eval_load_s + n_images * steps * self.eval_s
 
 
+#: Images per probe epoch (rounded up to whole optimizer steps of whole groups, capped at the batch).
+PROBE_IMAGES = 64
+#: Epochs of a probe run; the last one is timed (the first pays one-off warm-up, counted as overhead).
+PROBE_EPOCHS = 2
+
+
+def probe_batch(p: Any, target: int = PROBE_IMAGES) -> int:
+    """Images per epoch of a probe of pipeline `p`: the smallest multiple of one group per optimizer
+    step (group_size x steps_per_epoch) that is >= `target`, and never more than the run's batch."""
+    t = p.config.train
+    unit = p.config.prompts.group_size * t.steps_per_epoch
+    return min(t.batch_size, unit * math.ceil(target / unit))
+
+
+def probe_overrides(p: Any, batch: int) -> tuple[str, ...]:
+    """Overrides that turn a study run's pipeline into a probe: `batch` images per epoch,
+    PROBE_EPOCHS epochs, no periodic evaluation and a one-image final one."""
+    return (
+        *batch_overrides(p, batch), f"train.epochs={PROBE_EPOCHS}", "eval.every=0", "eval.limit=1",
+        "eval.images_per_prompt=1", f"checkpoint.every={PROBE_EPOCHS}", "checkpoint.keep_last=1",
+    )
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One combination's probe run, as measured.
+
+    Attributes:
+        batch: images per probe epoch.
+        epoch_s: seconds of the probe's last epoch (steady state).
+        wall_s: seconds of the whole probe (model loading, warm-up, epochs, checkpoint, final eval).
+    """
+
+    batch: int
+    epoch_s: float
+    wall_s: float
+
+    def epoch_at(self, batch: int) -> float:
+        """Seconds of one epoch of `batch` images (epoch cost is linear in the images)."""
+        return self.epoch_s * batch / self.batch
+
+    @property
+    def overhead_s(self) -> float:
+        """A run's fixed seconds beyond its steady epochs: everything but the timed epochs."""
+        return max(0.0, self.wall_s - PROBE_EPOCHS * self.epoch_s)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds measured on this machine before planning, so that a plan fits its budget on the
+    day it runs (the CostModel is one machine's measurement on one day; 2-core machines drift by
+    1.5x). Saved as OUT/calibration.json and reused, so a resumed study keeps its plan.
+
+    Attributes:
+        probes: each combination's probe.
+        eval_s: seconds of one evaluation per evaluation-settings tag (`EvalSettings.tag`): the
+            base model's, timed when it ran.
+        host: the machine it was measured on (informational).
+        measured: when.
+    """
+
+    probes: Mapping[str, Probe]
+    eval_s: Mapping[str, float]
+    host: str = ""
+    measured: str = ""
+
+    def speed(self, cost: CostModel, pipelines: Mapping[str, Any]) -> float:
+        """Measured over estimated epoch seconds, the median over the probed combinations (1 when
+        none is probed): how much slower than the cost model this machine is today."""
+        ratios = sorted(
+            self.probes[k].epoch_at(p.config.train.batch_size) / cost.epoch_seconds(p)
+            for k, p in pipelines.items() if k in self.probes
+        )
+        return float(np.median(ratios)) if ratios else 1.0
+
+    def to_json(self) -> dict:
+        return {
+            "probes": {k: {"batch": v.batch, "epoch_s": v.epoch_s, "wall_s": v.wall_s} for k, v in self.probes.items()},
+            "eval_s": dict(self.eval_s), "host": self.host, "measured": self.measured,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Calibration:
+        """Raises ValueError on a malformed file."""
+        try:
+            probes = {str(k): Probe(int(v["batch"]), float(v["epoch_s"]), float(v["wall_s"])) for k, v in data["probes"].items()}
+            evals = {str(k): float(v) for k, v in data.get("eval_s", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"not a calibration record ({err!r})") from None
+        return cls(probes, evals, str(data.get("host", "")), str(data.get("measured", "")))
+
+    def merged(self, other: Calibration) -> Calibration:
+        """This calibration with `other`'s probes and evaluation timings added (other's win)."""
+        return Calibration({**self.probes, **other.probes}, {**self.eval_s, **other.eval_s}, other.host or self.host,
+                           other.measured or self.measured)
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """How every checkpoint (and the base model) is evaluated: the same prompts and seeds for all.
@@ -376,6 +473,9 @@ class StudyPlan:
         budget_s: the wall-clock budget.
         allocation: how epochs were chosen: "time" (equal training seconds per run), "epochs"
             (equal epochs) or "fixed" (--epochs).
+        source: where the seconds come from: "estimated" (the CostModel) or "measured" (a
+            Calibration of this machine).
+        probe_s: seconds of the calibration's probe runs of these combinations (part of the study).
     """
 
     runs: tuple[RunPlan, ...]
@@ -383,10 +483,12 @@ class StudyPlan:
     base_eval_s: float
     budget_s: float
     allocation: str
+    source: str = "estimated"
+    probe_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.base_eval_s + sum(r.total_s for r in self.runs)
+        return self.probe_s + self.base_eval_s + sum(r.total_s for r in self.runs)
 
     @property
     def fits(self) -> bool:
@@ -455,6 +557,7 @@ def plan_study(
     allocation: str = "time",
     epochs: Mapping[str, int] | int | None = None,
     headroom: float = 0.9,
+    calibration: Calibration | None = None,
 ) -> StudyPlan:
     """Plan every run: epochs per combination from the budget (or as given), evaluation epochs,
     overrides and estimated seconds.
@@ -472,17 +575,25 @@ def plan_study(
         epochs: fixed epochs for every run (an int) or per combination name (others allocated).
         headroom: share of the budget the allocation plans for; the rest absorbs the slowdowns of
             shared cores. The plan fits when its total is within the whole budget.
+        calibration: seconds measured on this machine (see `calibrated_seconds`); None: the cost
+            model's estimates.
     """
     ok = [e for e in entries if e.refused is None]
     skipped = tuple(e for e in entries if e.refused is not None)
-    eval_s = cost.evaluation_seconds(eval_settings.n_images(n_test_prompts), eval_settings.steps)
     if isinstance(epochs, int):
         fixed = {e.combo.name: epochs for e in ok}
     else:
         fixed = {k: v for k, v in (epochs or {}).items() if any(e.combo.name == k for e in ok)}
-    per_epoch = {e.combo.name: cost.epoch_seconds(e.pipeline) for e in ok}
+    pipelines = {e.combo.name: e.pipeline for e in ok}
+    n_images = eval_settings.n_images(n_test_prompts)
+    if calibration is None:
+        per_epoch = {k: cost.epoch_seconds(p) for k, p in pipelines.items()}
+        eval_s, overhead_s = cost.evaluation_seconds(n_images, eval_settings.steps), cost.run_overhead_s
+    else:
+        per_epoch, eval_s, overhead_s = calibrated_seconds(calibration, pipelines, eval_settings, n_images, cost)
+    probe_s = sum(calibration.probes[k].wall_s for k in pipelines if k in calibration.probes) if calibration else 0.0
     n_runs = len(ok) * len(seeds)
-    fixed_cost = eval_s + n_runs * (cost.run_overhead_s + evals_per_run * eval_s)
+    fixed_cost = probe_s + eval_s + n_runs * (overhead_s + evals_per_run * eval_s)
     fixed_cost += len(seeds) * sum(fixed[k] * per_epoch[k] for k in fixed if k in per_epoch)
     free = {k: s for k, s in per_epoch.items() if k not in fixed}
     chosen = {**allocate_epochs(free, len(seeds), headroom * budget_s - fixed_cost, allocation), **fixed}
@@ -492,9 +603,39 @@ def plan_study(
         evals = eval_epochs(n, evals_per_run)
         for seed in seeds:
             overrides = (*e.overrides, *run_overrides(seed, n, evals))
-            runs.append(RunPlan(e.combo, seed, n, evals, overrides, per_epoch[e.combo.name], eval_s, cost.run_overhead_s))
+            runs.append(RunPlan(e.combo, seed, n, evals, overrides, per_epoch[e.combo.name], eval_s, overhead_s))
     kind = "fixed" if per_epoch and set(per_epoch) <= set(fixed) else allocation
-    return StudyPlan(tuple(runs), skipped, eval_s, budget_s, kind)
+    return StudyPlan(tuple(runs), skipped, eval_s, budget_s, kind, "estimated" if calibration is None else "measured", probe_s)
+
+
+def calibrated_seconds(
+    calibration: Calibration, pipelines: Mapping[str, Any], eval_settings: EvalSettings, n_images: int,
+    cost: CostModel = CostModel(),
+) -> tuple[dict[str, float], float, float]:
+    """Epoch seconds per combination, seconds of one evaluation and a run's fixed seconds, from a
+    calibration.
+
+    A probed combination's epoch is its probe's, scaled to the run's batch. One that was not probed,
+    and an evaluation whose settings were never timed, get the cost model's estimate times the
+    machine's speed (`Calibration.speed`). The fixed seconds are the largest probe overhead.
+
+    Args:
+        calibration: the measurements.
+        pipelines: resolved pipeline of each combination.
+        eval_settings: how checkpoints are evaluated.
+        n_images: images of one evaluation.
+        cost: the cost model, for what was not measured.
+    """
+    speed = calibration.speed(cost, pipelines)
+    per_epoch = {
+        k: calibration.probes[k].epoch_at(p.config.train.batch_size) if k in calibration.probes else speed * cost.epoch_seconds(p)
+        for k, p in pipelines.items()
+    }
+    eval_s = calibration.eval_s.get(eval_settings.tag())
+    if eval_s is None:
+        eval_s = speed * cost.evaluation_seconds(n_images, eval_settings.steps)
+    overheads = [calibration.probes[k].overhead_s for k in pipelines if k in calibration.probes]
+    return per_epoch, eval_s, max(overheads) if overheads else speed * cost.run_overhead_s
 
 
 def format_duration(seconds: float) -> str:
@@ -520,7 +661,8 @@ def plan_lines(plan: StudyPlan) -> list[str]:
         lines.append(f"skipped {e.combo.name}: {e.refused}")
     lines.append(
         f"planned: {len(plan.runs)} runs, {format_duration(plan.total_s)} in all (base-model eval "
-        f"{format_duration(plan.base_eval_s)}), budget {format_duration(plan.budget_s)}; epochs allocated: {plan.allocation}"
+        f"{format_duration(plan.base_eval_s)}" + (f", probes {format_duration(plan.probe_s)}" if plan.probe_s else "") + f"), budget {format_duration(plan.budget_s)}; epochs allocated: {plan.allocation}; "
+        + ("seconds measured on this machine" if plan.source == "measured" else "seconds estimated by the cost model (not measured here)")
     )
     return lines
 
@@ -1273,12 +1415,12 @@ def plot_curves(curves: Sequence[Curve], x: Literal["seconds", "epochs"], out_pn
 
 
 __all__ = [
-    "AWM", "CFG_SCALE", "Combo", "ComboSummary", "CostModel", "Curve", "DEFAULT_THRESHOLDS", "EvalSettings",
+    "AWM", "CFG_SCALE", "Calibration", "Combo", "ComboSummary", "CostModel", "Curve", "DEFAULT_THRESHOLDS", "EvalSettings",
     "FLOWGRPO", "Finding", "GridEntry", "Guard", "GuardLimits", "ImageStats", "NFT", "PAPER", "Point", "QUICK",
     "Ratio", "Reach", "ReachStat", "ReportContext", "RunPlan", "RunResult", "SAMPLERS", "Stat", "StudyPlan",
-    "TINY", "TINY_OVERRIDES", "Threshold", "aggregate_reach", "allocate_epochs", "batch_overrides", "check_combo",
+    "PROBE_EPOCHS", "PROBE_IMAGES", "Probe", "TINY", "TINY_OVERRIDES", "Threshold", "aggregate_reach", "allocate_epochs", "batch_overrides", "calibrated_seconds", "check_combo",
     "clock", "compare", "design_combos", "eval_epochs", "format_duration", "format_reach", "image_stats",
-    "load_run", "mean_curve", "ordering_findings", "parse_threshold", "plan_lines", "plan_study", "plot_curves",
+    "load_run", "mean_curve", "ordering_findings", "parse_threshold", "plan_lines", "plan_study", "plot_curves", "probe_batch", "probe_overrides",
     "render_results", "run_overrides", "saturation", "select_combos", "stat", "summarize_combo", "time_ratio",
     "time_to_threshold",
 ]

@@ -173,6 +173,95 @@ def test_default_full_and_quick_plans_fit_their_budgets():
     assert {r.epochs for r in quick.runs if r.combo.name == study.PAPER} == {21}  # about 4 minutes of 11.7 s epochs
 
 
+# ------------------------------------------------------------------------------ calibration
+
+
+def test_probe_batch_is_whole_groups_per_step_and_never_above_the_batch(entries):
+    assert study.probe_batch(entries[study.PAPER].pipeline) == 64  # 256-image runs probe 64 (8 groups of 8)
+    assert study.probe_batch(entries[study.NFT].pipeline) == 64  # already 64: probed at its own batch
+    assert study.probe_batch(entries[study.PAPER].pipeline, target=60) == 64  # rounded up to whole groups
+    assert study.probe_batch(entries[study.PAPER].pipeline, target=1000) == 256  # capped at the batch
+    tiny = check_combo(next(c for c in design_combos() if c.name == study.FLOWGRPO), study.TINY_OVERRIDES)
+    assert study.probe_batch(tiny.pipeline) == 8
+    # the probe's overrides resolve: 2 epochs of 64 images, whole groups per micro-batch, no periodic eval
+    p = entries[study.PAPER].pipeline
+    probe = load_pipeline(REPO / "pipelines" / "toy-geneval.yaml", study.probe_overrides(p, 64))
+    t = probe.config.train
+    assert (t.batch_size, t.epochs, probe.config.eval.every) == (64, study.PROBE_EPOCHS, 0)
+    assert t.micro_batch % probe.config.prompts.group_size == 0
+
+
+def test_probe_scales_linearly_and_its_overhead_is_what_the_epochs_leave():
+    pr = study.Probe(batch=64, epoch_s=4.0, wall_s=20.0)
+    assert pr.epoch_at(256) == pytest.approx(16.0)
+    assert pr.overhead_s == pytest.approx(20.0 - 2 * 4.0)
+    assert study.Probe(64, 4.0, 5.0).overhead_s == 0.0  # never negative
+
+
+def _calibration(entries, factor: float, names=(study.PAPER,)) -> study.Calibration:
+    """A calibration where each named combination's epoch took `factor` x the cost model's estimate."""
+    cost = CostModel()
+    probes = {}
+    for n in names:
+        p = entries[n].pipeline
+        b = study.probe_batch(p)
+        probes[n] = study.Probe(b, factor * cost.epoch_seconds(p) * b / p.config.train.batch_size, 30.0)
+    return study.Calibration(probes, {EvalSettings().tag(): 40.0}, "test", "2026-11-27T08:00:00")
+
+
+def test_calibrated_seconds_use_the_probes_and_scale_the_rest_by_the_machine_speed(entries):
+    cost = CostModel()
+    names = (study.PAPER, study.NFT, study.AWM)
+    pipes = {n: entries[n].pipeline for n in names}
+    cal = study.Calibration(
+        {study.PAPER: study.Probe(64, 6.0, 30.0), study.NFT: study.Probe(64, 1.5 * cost.epoch_seconds(pipes[study.NFT]), 22.0)},
+        {EvalSettings().tag(): 40.0},
+    )
+    per_epoch, eval_s, overhead = study.calibrated_seconds(cal, pipes, EvalSettings(), 316)
+    assert per_epoch[study.PAPER] == pytest.approx(24.0)  # 6 s per 64 images -> 256 images
+    assert per_epoch[study.NFT] == pytest.approx(1.5 * cost.epoch_seconds(pipes[study.NFT]))
+    # AWM was not probed: the median speed of the probed two (1.5 and 24 / PAPER_EPOCH_S) times its estimate
+    speed = float(np.median([24.0 / PAPER_EPOCH_S, 1.5]))
+    assert cal.speed(cost, pipes) == pytest.approx(speed)
+    assert per_epoch[study.AWM] == pytest.approx(speed * cost.epoch_seconds(pipes[study.AWM]))
+    assert eval_s == 40.0  # the timed base-model evaluation of these settings
+    assert overhead == pytest.approx(max(30.0 - 12.0, 22.0 - 2 * per_epoch[study.NFT]))
+    # other eval settings were never timed: the estimate times the speed
+    other = EvalSettings(images_per_prompt=2)
+    _, eval2, _ = study.calibrated_seconds(cal, pipes, other, 158)
+    assert eval2 == pytest.approx(speed * cost.evaluation_seconds(158, 20))
+
+
+def test_a_slower_machine_gets_fewer_epochs_and_the_plan_still_fits(entries):
+    chosen = [entries[n] for n in (study.PAPER, study.NFT)]
+    estimated = plan_study(chosen, (0,), 1800, EvalSettings(), 79, 4)
+    slow = plan_study(chosen, (0,), 1800, EvalSettings(), 79, 4, calibration=_calibration(entries, 1.5, (study.PAPER, study.NFT)))
+    assert estimated.source == "estimated" and slow.source == "measured"
+    assert slow.fits and slow.probe_s == pytest.approx(60.0)
+    assert slow.total_s == pytest.approx(60.0 + 40.0 + sum(r.total_s for r in slow.runs))
+    for a, b in zip(estimated.runs, slow.runs):
+        assert b.epoch_s == pytest.approx(1.5 * a.epoch_s)
+        assert b.epochs < a.epochs  # the same seconds buy fewer epochs
+    # measured on a machine this slow, the cost model's plan would have overrun its budget
+    assert sum(r.epochs * 1.5 * r.epoch_s for r in estimated.runs) > sum(r.train_s for r in slow.runs)
+    assert "seconds measured on this machine" in study.plan_lines(slow)[-1] and "probes 60 s" in study.plan_lines(slow)[-1]
+    assert "estimated by the cost model" in study.plan_lines(estimated)[-1]
+
+
+def test_calibration_round_trips_and_a_bad_file_is_refused(entries, tmp_path):
+    cal = _calibration(entries, 1.3, (study.PAPER, study.NFT))
+    assert study.Calibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
+    merged = cal.merged(study.Calibration({study.AWM: study.Probe(64, 3.0, 9.0)}, {}, "", ""))
+    assert set(merged.probes) == {study.PAPER, study.NFT, study.AWM} and merged.host == "test"
+    with pytest.raises(ValueError, match="not a calibration record"):
+        study.Calibration.from_json({"probes": {"x": {"batch": 64}}})
+    ds = _load_script()
+    assert ds.load_calibration(tmp_path) is None
+    (tmp_path / ds.CALIBRATION_FILE).write_text('{"probes": 3}')
+    with pytest.raises(FlowrlError, match="--recalibrate"):
+        ds.load_calibration(tmp_path)
+
+
 # ------------------------------------------------------------------------------- thresholds
 
 
@@ -383,6 +472,12 @@ def test_tiny_study_end_to_end_resumes_and_rebuilds_the_report(tmp_path, capsys)
     out, report = tmp_path / "runs", tmp_path / "docs" / "results.md"
     args = ["--tiny", "--out", str(out), "--report", str(report)]
     assert ds.main(args) == 0
+    log = capsys.readouterr().err
+    assert "probe 1/2" in log and "probe 2/2" in log and "seconds measured on this machine" in log
+    cal = ds.load_calibration(out)
+    assert set(cal.probes) == set(study.TINY) and ds.MODES["tiny"].eval.tag() in cal.eval_s
+    assert all(p.batch == 8 and p.epoch_s > 0 for p in cal.probes.values())
+    assert not (out / ".probes" / study.PAPER).exists()  # probe folders are cleaned up
     first = report.read_text()
     pngs = [report.parent / "results-reward-vs-time.png", report.parent / "results-reward-vs-epochs.png"]
     assert all(p.is_file() and p.stat().st_size > 0 for p in pngs)
@@ -407,6 +502,7 @@ def test_tiny_study_end_to_end_resumes_and_rebuilds_the_report(tmp_path, capsys)
     (run / study.DONE_FILE).unlink()
     assert ds.main(args) == 0
     log = capsys.readouterr().err
+    assert "probe " not in log  # the saved calibration is reused, so the plan (and its runs) are the same
     assert "flowgrpo-recipe/seed-0: finished earlier, skipped" in log
     assert "resumed from epoch 0" in log
     assert (out / study.FLOWGRPO / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == trained
