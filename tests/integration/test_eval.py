@@ -246,7 +246,7 @@ def test_run_reward_settings_and_labels_are_used(run: Path, tmp_path: Path):
     out = tmp_path / "o"
     flowrl_eval("--reward", "geneval", str(run), "--limit", "1", "--steps", "1", "-n", "1", "--out", str(out))
     used = summary(out)["settings"]["identity"]["rewards"][0]
-    assert used["kind"] == "geneval" and used["backend"] == "shapes" and used["signal"] == "dense"
+    assert used["kind"] == "geneval" and used["backend"] == "shapes" and used["signal"] == "strict"  # toy-geneval.yaml trains on the strict verdict
 
 
 # ----------------------------------------------------------------------------------- mistakes

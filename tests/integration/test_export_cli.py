@@ -142,9 +142,15 @@ def test_comfyui_file_keys_round_trip_and_meaning(runs, tmp_path):
     file = tmp_path / "c" / "lora.safetensors"
     state = load_file(file)
     assert state.keys() == load_file(tmp_path / "k" / "lora.safetensors").keys()
-    pattern = re.compile(r"^lora_unet_joint_blocks_\d+_(x_block_attn2?|context_block_attn)_(qkv|proj)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+    pattern = re.compile(
+        r"^lora_unet_(joint_blocks_\d+_((x_block_attn2?|context_block_attn)_(qkv|proj)|(x_block|context_block)_(mlp_fc[12]|adaLN_modulation_1))"
+        r"|context_embedder)\.(lora_down\.weight|lora_up\.weight|alpha)$"
+    )
     assert all(pattern.match(k) for k in state), sorted(k for k in state if not pattern.match(k))
     assert "lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_up.weight" in state  # SD3.5's dual attention
+    # toy-geneval.yaml adapts every linear layer: MLPs, AdaLN (the last block's context half swapped) and the text projection
+    for name in ("joint_blocks_3_context_block_adaLN_modulation_1", "joint_blocks_1_x_block_mlp_fc2", "context_embedder"):
+        assert f"lora_unet_{name}.lora_down.weight" in state
     assert float(state["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"]) == 3 * ALPHA
 
     # back to flowrl's layout: identical to the checkpoint

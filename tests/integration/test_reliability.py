@@ -291,7 +291,7 @@ def test_truncate_metrics_drops_later_epochs_and_a_torn_line(tmp_path: Path):
         (["sampler.steps=4"], ["sampler.steps: 3 -> 4", "--allow-changes", "--out NEW_FOLDER"]),
         (["rewards=[{kind: 'user_stages:Brightness', weight: 2}]"], ["rewards.0.weight: 1.0 -> 2.0"]),
         (["objective.kind=epg"], ["objective.kind: \"pepg\" -> \"epg\""]),
-        (["model.lora.rank=4"], ["model.lora.rank: 8 -> 4", "not even with --allow-changes"]),
+        (["model.lora.rank=4"], ["model.lora.rank: 32 -> 4", "not even with --allow-changes"]),
     ],
 )
 def test_resume_refuses_a_changed_pipeline_with_a_diff(straight, change, needles):
