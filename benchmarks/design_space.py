@@ -305,11 +305,24 @@ def calibrate(s: Settings, entries: list[study.GridEntry], console, again: bool 
 # ------------------------------------------------------------------------------------- running
 
 
+def config_digest(run: study.RunPlan) -> str:
+    """sha256 of the run's resolved pipeline (file + overrides, defaults filled in): an edit of the
+    pipeline file that changes what the run trains changes it; a comment does not."""
+    import hashlib
+
+    from flowrl.config import load_pipeline
+
+    config = load_pipeline(study.PIPELINES / run.combo.pipeline, run.overrides).config
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+
+
 def identity(run: study.RunPlan, ev: study.EvalSettings) -> dict:
-    """What a finished run's study.json must match for the run to be skipped."""
+    """What a finished run's study.json must match for the run to be skipped (a study.json written
+    before the config digest existed does not match: such runs are redone)."""
     return {
         "combo": run.combo.name, "pipeline": run.combo.pipeline, "seed": run.seed, "epochs": run.epochs,
         "eval_epochs": list(run.eval_epochs), "overrides": list(run.overrides), "eval": asdict(ev),
+        "config_sha256": config_digest(run),
     }
 
 
@@ -412,8 +425,8 @@ def run_study(s: Settings, plan: study.StudyPlan, console) -> None:
     spent, planned_done = 0.0, 0.0
     for i, run in enumerate(runs, 1):
         folder = s.out / run.folder
-        done = read_done(folder)
-        if done is not None and {k: done.get(k) for k in identity(run, s.eval)} == identity(run, s.eval):
+        done, ident = read_done(folder), identity(run, s.eval)
+        if done is not None and {k: done.get(k) for k in ident} == ident:
             say(f"[{i}/{len(runs)}] {run.folder}: finished earlier, skipped")
             continue
         left = sum(r.total_s for r in runs[i - 1:])

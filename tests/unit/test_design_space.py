@@ -466,6 +466,23 @@ def test_plan_over_budget_is_refused_without_yes(tmp_path, capsys):
     assert "no such combination" in capsys.readouterr().err
 
 
+def test_a_finished_run_is_redone_when_its_pipeline_file_changes_what_it_trains(entries, tmp_path, monkeypatch):
+    ds = _load_script()
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    text = (REPO / "pipelines" / "toy-geneval.yaml").read_text()
+    (folder / "toy-geneval.yaml").write_text(text)
+    monkeypatch.setattr(study, "PIPELINES", folder)
+    run = plan_study([entries[study.PAPER]], (0,), 3600, EvalSettings(), 79, 3).runs[0]
+    before = ds.identity(run, EvalSettings())
+    (folder / "toy-geneval.yaml").write_text("# a new comment\n" + text)
+    assert ds.identity(run, EvalSettings()) == before  # comments do not count
+    (folder / "toy-geneval.yaml").write_text(text.replace("rank: 32", "rank: 16"))
+    after = ds.identity(run, EvalSettings())
+    assert after["config_sha256"] != before["config_sha256"]
+    assert {k: v for k, v in after.items() if k != "config_sha256"} == {k: v for k, v in before.items() if k != "config_sha256"}
+
+
 @pytest.mark.slow
 def test_tiny_study_end_to_end_resumes_and_rebuilds_the_report(tmp_path, capsys):
     ds = _load_script()
