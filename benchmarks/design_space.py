@@ -15,8 +15,8 @@ Usage::
     .venv/bin/python benchmarks/design_space.py --tiny --out /tmp/ds --report /tmp/ds/results.md  # smoke test
 
 Before planning, the study measures this machine (OUT/calibration.json): each combination trains
-2 epochs of about 64 images (a probe), and the base model's evaluation is timed; epochs are then
-allocated from these seconds rather than from the cost model's, which was measured on another day.
+one epoch at its own batch (a probe), and one probe's checkpoint is evaluated, timed; epochs are
+then allocated from these seconds rather than from the cost model's, measured on another day.
 The file is reused, so a resumed study keeps its plan; --recalibrate measures again, --no-calibrate
 plans from the cost model alone.
 
@@ -250,31 +250,44 @@ def load_calibration(out: Path) -> study.Calibration | None:
         raise FlowrlError(f"{path} is not a calibration file ({err}); delete it or pass --recalibrate to measure again") from None
 
 
-def probe(entry: study.GridEntry, folder: Path, log) -> study.Probe:
-    """Train the combination for a couple of small epochs in `folder` (deleted afterwards) and time it."""
+def probe(entry: study.GridEntry, folder: Path, log, ev: study.EvalSettings | None = None) -> tuple[study.Probe, float | None]:
+    """Train the combination for PROBE_EPOCHS epochs in `folder` (deleted afterwards) and time it;
+    with `ev`, also time an evaluation of its checkpoint with those settings.
+
+    Returns:
+        The probe, and the evaluation's seconds (None without `ev`).
+    """
     import shutil
 
     from flowrl.config import load_pipeline
-    from flowrl.train import Trainer
+    from flowrl.train import CHECKPOINTS, Trainer
 
     batch = study.probe_batch(entry.pipeline)
     overrides = (*entry.overrides, *study.probe_overrides(entry.pipeline, batch))
     p = load_pipeline(study.PIPELINES / entry.combo.pipeline, overrides)
     shutil.rmtree(folder, ignore_errors=True)
-    t0 = time.perf_counter()
-    trainer = Trainer(p, folder, log=log)
-    trainer.run()
-    wall = time.perf_counter() - t0
-    if trainer.stopped_by is not None:
-        raise Stopped(f"{trainer.stopped_by} while probing {entry.combo.name}")
-    rows = [r for r in study.read_jsonl(folder / "metrics.jsonl") if "time/epoch_s" in r]
-    shutil.rmtree(folder, ignore_errors=True)
-    return study.Probe(batch, float(rows[-1]["time/epoch_s"]), wall)
+    try:
+        t0 = time.perf_counter()
+        trainer = Trainer(p, folder, log=log)
+        trainer.run()
+        wall = time.perf_counter() - t0
+        if trainer.stopped_by is not None:
+            raise Stopped(f"{trainer.stopped_by} while probing {entry.combo.name}")
+        rows = [r for r in study.read_jsonl(folder / "metrics.jsonl") if "time/epoch_s" in r]
+        eval_s = None
+        if ev is not None:
+            t1 = time.perf_counter()
+            evaluate_into(folder / CHECKPOINTS / f"epoch-{study.PROBE_EPOCHS - 1}", folder / "eval", ev, log, weights=ev.weights)
+            eval_s = time.perf_counter() - t1
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return study.Probe(batch, float(rows[-1]["time/epoch_s"]), wall), eval_s
 
 
 def calibrate(s: Settings, entries: list[study.GridEntry], console, again: bool = False) -> study.Calibration:
-    """Time the base model's evaluation (when it has not run yet) and probe each combination that
-    OUT/calibration.json lacks (every one with `again`); saves and returns the merged calibration."""
+    """Probe each combination that OUT/calibration.json lacks (every one with `again`), timing one
+    evaluation of the first probe's checkpoint when these eval settings were never timed; saves and
+    returns the merged calibration."""
     import platform
 
     say = lambda text: console.print(text, highlight=False, soft_wrap=True)  # noqa: E731
@@ -282,18 +295,21 @@ def calibrate(s: Settings, entries: list[study.GridEntry], console, again: bool 
     old = None if again else load_calibration(s.out)
     have = old or study.Calibration({}, {})
     todo = [e for e in entries if e.refused is None and e.combo.name not in have.probes]
-    evals: dict[str, float] = {}
-    if study.eval_score(base_folder(s)) is None:
-        say("[bold]base model[/]: evaluating (shared by every run; timed for the plan)")
-        t = time.perf_counter()
-        evaluate_base(s, quiet)
-        evals[s.eval.tag()] = time.perf_counter() - t
-    probes = {}
+    if not todo and s.eval.tag() not in have.eval_s:
+        todo = [e for e in entries if e.refused is None][:1]  # a probe to evaluate
+    probes, evals = {}, {}
     for i, e in enumerate(todo, 1):
-        say(f"[bold]probe {i}/{len(todo)}[/] {e.combo.name}: {study.PROBE_EPOCHS} epochs of {study.probe_batch(e.pipeline)} images")
-        probes[e.combo.name] = probe(e, s.out / ".probes" / e.combo.name, quiet)
-        say(f"    {probes[e.combo.name].epoch_at(e.pipeline.config.train.batch_size):.1f} s per epoch of {e.pipeline.config.train.batch_size} images")
-    if not probes and not evals and old is not None:
+        timed = s.eval.tag() not in have.eval_s and not evals
+        say(
+            f"[bold]probe {i}/{len(todo)}[/] {e.combo.name}: {study.PROBE_EPOCHS} epoch of {study.probe_batch(e.pipeline)} images"
+            + (", then a timed evaluation of its checkpoint" if timed else "")
+        )
+        pr, eval_s = probe(e, s.out / ".probes" / e.combo.name, quiet, s.eval if timed else None)
+        probes[e.combo.name] = pr
+        if eval_s is not None:
+            evals[s.eval.tag()] = eval_s
+        say(f"    {pr.epoch_at(e.pipeline.config.train.batch_size):.1f} s per epoch" + (f"; evaluation {eval_s:.0f} s" if eval_s else ""))
+    if not probes and old is not None:
         return old
     host = f"{platform.node()} ({os.cpu_count()} CPUs)"
     cal = have.merged(study.Calibration(probes, evals, host, dt.datetime.now().isoformat(timespec="seconds")))

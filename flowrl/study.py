@@ -283,23 +283,28 @@ class CostModel:
         return self.eval_load_s + n_images * steps * self.eval_s
 
 
-#: Images per probe epoch (rounded up to whole optimizer steps of whole groups, capped at the batch).
-PROBE_IMAGES = 64
-#: Epochs of a probe run; the last one is timed (the first pays one-off warm-up, counted as overhead).
-PROBE_EPOCHS = 2
+#: Images per probe epoch: None probes at each run's own batch. The first quick study with 64-image
+#: probes planned 20 % too few seconds: per image, a 256-image epoch cost more than a 64-image one.
+PROBE_IMAGES: int | None = None
+#: Epochs of a probe run. One: its warm-up makes the estimate a little high, which a budget can
+#: afford; a second epoch would double the probes' cost.
+PROBE_EPOCHS = 1
 
 
-def probe_batch(p: Any, target: int = PROBE_IMAGES) -> int:
-    """Images per epoch of a probe of pipeline `p`: the smallest multiple of one group per optimizer
-    step (group_size x steps_per_epoch) that is >= `target`, and never more than the run's batch."""
+def probe_batch(p: Any, target: int | None = PROBE_IMAGES) -> int:
+    """Images per epoch of a probe of pipeline `p`: its own batch (target None), or the smallest
+    multiple of one group per optimizer step (group_size x steps_per_epoch) that is >= `target`,
+    never more than the run's batch."""
     t = p.config.train
+    if target is None:
+        return t.batch_size
     unit = p.config.prompts.group_size * t.steps_per_epoch
     return min(t.batch_size, unit * math.ceil(target / unit))
 
 
 def probe_overrides(p: Any, batch: int) -> tuple[str, ...]:
     """Overrides that turn a study run's pipeline into a probe: `batch` images per epoch,
-    PROBE_EPOCHS epochs, no periodic evaluation and a one-image final one."""
+    PROBE_EPOCHS epochs, no periodic evaluation and a one-image final one, a checkpoint at the end."""
     return (
         *batch_overrides(p, batch), f"train.epochs={PROBE_EPOCHS}", "eval.every=0", "eval.limit=1",
         "eval.images_per_prompt=1", f"checkpoint.every={PROBE_EPOCHS}", "checkpoint.keep_last=1",
@@ -312,13 +317,15 @@ class Probe:
 
     Attributes:
         batch: images per probe epoch.
-        epoch_s: seconds of the probe's last epoch (steady state).
-        wall_s: seconds of the whole probe (model loading, warm-up, epochs, checkpoint, final eval).
+        epoch_s: seconds of the probe's last epoch.
+        wall_s: seconds of the whole probe (model loading, epochs, checkpoint, final eval).
+        epochs: epochs the probe trained.
     """
 
     batch: int
     epoch_s: float
     wall_s: float
+    epochs: int = PROBE_EPOCHS
 
     def epoch_at(self, batch: int) -> float:
         """Seconds of one epoch of `batch` images (epoch cost is linear in the images)."""
@@ -327,7 +334,7 @@ class Probe:
     @property
     def overhead_s(self) -> float:
         """A run's fixed seconds beyond its steady epochs: everything but the timed epochs."""
-        return max(0.0, self.wall_s - PROBE_EPOCHS * self.epoch_s)
+        return max(0.0, self.wall_s - self.epochs * self.epoch_s)
 
 
 @dataclass(frozen=True)
@@ -338,8 +345,9 @@ class Calibration:
 
     Attributes:
         probes: each combination's probe.
-        eval_s: seconds of one evaluation per evaluation-settings tag (`EvalSettings.tag`): the
-            base model's, timed when it ran.
+        eval_s: seconds of one evaluation per evaluation-settings tag (`EvalSettings.tag`): a
+            probe checkpoint's, so with the adapters that slow every forward (the base model,
+            without them, evaluated 20 % faster).
         host: the machine it was measured on (informational).
         measured: when.
     """
@@ -360,7 +368,7 @@ class Calibration:
 
     def to_json(self) -> dict:
         return {
-            "probes": {k: {"batch": v.batch, "epoch_s": v.epoch_s, "wall_s": v.wall_s} for k, v in self.probes.items()},
+            "probes": {k: {"batch": v.batch, "epoch_s": v.epoch_s, "wall_s": v.wall_s, "epochs": v.epochs} for k, v in self.probes.items()},
             "eval_s": dict(self.eval_s), "host": self.host, "measured": self.measured,
         }
 
@@ -368,7 +376,10 @@ class Calibration:
     def from_json(cls, data: Mapping) -> Calibration:
         """Raises ValueError on a malformed file."""
         try:
-            probes = {str(k): Probe(int(v["batch"]), float(v["epoch_s"]), float(v["wall_s"])) for k, v in data["probes"].items()}
+            probes = {
+                str(k): Probe(int(v["batch"]), float(v["epoch_s"]), float(v["wall_s"]), int(v.get("epochs", PROBE_EPOCHS)))
+                for k, v in data["probes"].items()
+            }
             evals = {str(k): float(v) for k, v in data.get("eval_s", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"not a calibration record ({err!r})") from None

@@ -176,26 +176,28 @@ def test_default_full_and_quick_plans_fit_their_budgets():
 # ------------------------------------------------------------------------------ calibration
 
 
-def test_probe_batch_is_whole_groups_per_step_and_never_above_the_batch(entries):
-    assert study.probe_batch(entries[study.PAPER].pipeline) == 64  # 256-image runs probe 64 (8 groups of 8)
-    assert study.probe_batch(entries[study.NFT].pipeline) == 64  # already 64: probed at its own batch
+def test_probe_batch_is_the_runs_own_or_whole_groups_per_step_never_above_the_batch(entries):
+    assert study.probe_batch(entries[study.PAPER].pipeline) == 256  # by default each run's own batch
+    assert study.probe_batch(entries[study.NFT].pipeline) == 64
+    assert study.probe_batch(entries[study.PAPER].pipeline, target=64) == 64  # 8 groups of 8
     assert study.probe_batch(entries[study.PAPER].pipeline, target=60) == 64  # rounded up to whole groups
     assert study.probe_batch(entries[study.PAPER].pipeline, target=1000) == 256  # capped at the batch
-    tiny = check_combo(next(c for c in design_combos() if c.name == study.FLOWGRPO), study.TINY_OVERRIDES)
-    assert study.probe_batch(tiny.pipeline) == 8
-    # the probe's overrides resolve: 2 epochs of 64 images, whole groups per micro-batch, no periodic eval
+    assert study.probe_batch(entries[study.FLOWGRPO].pipeline, target=20) == 32  # 2 steps per epoch x group 8
+    # the probe's overrides resolve: PROBE_EPOCHS epochs, whole groups per micro-batch, no periodic eval
     p = entries[study.PAPER].pipeline
     probe = load_pipeline(REPO / "pipelines" / "toy-geneval.yaml", study.probe_overrides(p, 64))
     t = probe.config.train
     assert (t.batch_size, t.epochs, probe.config.eval.every) == (64, study.PROBE_EPOCHS, 0)
     assert t.micro_batch % probe.config.prompts.group_size == 0
+    assert probe.config.checkpoint.every == study.PROBE_EPOCHS  # the checkpoint the eval timing needs
 
 
 def test_probe_scales_linearly_and_its_overhead_is_what_the_epochs_leave():
     pr = study.Probe(batch=64, epoch_s=4.0, wall_s=20.0)
     assert pr.epoch_at(256) == pytest.approx(16.0)
-    assert pr.overhead_s == pytest.approx(20.0 - 2 * 4.0)
-    assert study.Probe(64, 4.0, 5.0).overhead_s == 0.0  # never negative
+    assert pr.overhead_s == pytest.approx(20.0 - study.PROBE_EPOCHS * 4.0)
+    assert study.Probe(64, 4.0, 2.0).overhead_s == 0.0  # never negative
+    assert study.Probe(64, 4.0, 20.0, epochs=2).overhead_s == pytest.approx(12.0)  # a file records its probes' epochs
 
 
 def _calibration(entries, factor: float, names=(study.PAPER,)) -> study.Calibration:
@@ -225,7 +227,7 @@ def test_calibrated_seconds_use_the_probes_and_scale_the_rest_by_the_machine_spe
     assert cal.speed(cost, pipes) == pytest.approx(speed)
     assert per_epoch[study.AWM] == pytest.approx(speed * cost.epoch_seconds(pipes[study.AWM]))
     assert eval_s == 40.0  # the timed base-model evaluation of these settings
-    assert overhead == pytest.approx(max(30.0 - 12.0, 22.0 - 2 * per_epoch[study.NFT]))
+    assert overhead == pytest.approx(max(30.0 - study.PROBE_EPOCHS * 6.0, 22.0 - study.PROBE_EPOCHS * per_epoch[study.NFT]))
     # other eval settings were never timed: the estimate times the speed
     other = EvalSettings(images_per_prompt=2)
     _, eval2, _ = study.calibrated_seconds(cal, pipes, other, 158)
