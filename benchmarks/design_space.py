@@ -390,13 +390,13 @@ class Stopped(Exception):
     """The trainer was stopped by a signal; the study stops and can be resumed."""
 
 
-def run_one(run: study.RunPlan, s: Settings, log) -> dict:
-    """Train (or resume) one run, evaluate its checkpoints, write study.json; returns study.json."""
+def run_one(run: study.RunPlan, s: Settings, log, ident: dict) -> dict:
+    """Train (or resume) one run, evaluate its checkpoints, write study.json (with `ident`, the run's
+    `identity`); returns study.json."""
     from flowrl.config import load_pipeline
     from flowrl.train import CHECKPOINTS, Trainer
 
     folder = s.out / run.folder
-    ident = identity(run, s.eval)
     t0 = time.perf_counter()
     p = load_pipeline(study.PIPELINES / run.combo.pipeline, run.overrides)
     resume = (folder / "pipeline.yaml").is_file() or (folder / CHECKPOINTS).is_dir()
@@ -454,7 +454,7 @@ def run_study(s: Settings, plan: study.StudyPlan, console) -> None:
             f"{study.format_duration(elapsed)}, about {study.format_duration(left * speed)} left"
         )
         t = time.perf_counter()
-        record = run_one(run, s, quiet)
+        record = run_one(run, s, quiet, ident)
         spent += time.perf_counter() - t
         planned_done += run.total_s
         say(f"    done in {study.format_duration(time.perf_counter() - t)} (planned {study.format_duration(record['planned_s'])})")

@@ -360,10 +360,10 @@ class Calibration:
     def speed(self, cost: CostModel, pipelines: Mapping[str, Any]) -> float:
         """Measured over estimated epoch seconds, the median over the probed combinations (1 when
         none is probed): how much slower than the cost model this machine is today."""
-        ratios = sorted(
+        ratios = [
             self.probes[k].epoch_at(p.config.train.batch_size) / cost.epoch_seconds(p)
             for k, p in pipelines.items() if k in self.probes
-        )
+        ]
         return float(np.median(ratios)) if ratios else 1.0
 
     def to_json(self) -> dict:
