@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # A short run of the main pipeline (about 7 minutes on 2 cores): toy GenEval before and after RL
-# (measured 0.601 -> 0.664, 0.702, 0.749, 0.776 at epochs 4-19; 6 min 40 s). A constant lr: the cosine decay is tuned for the full 100 epochs.
+# (measured 0.601 -> 0.664, 0.702, 0.749, 0.776 at epochs 4-19; 6 min 40 s). A constant lr: the cosine decay is tuned for the full 80 epochs.
 demo: setup
 	rm -rf outputs/demo
 	$(BIN)/flowrl train pipelines/toy-geneval.yaml train.epochs=20 eval.every=5 checkpoint.every=5 optimizer.schedule=constant --out outputs/demo
