@@ -86,6 +86,16 @@ class World:
         if self.size > 1:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Leave the process group (call on every rank once training is done and nothing failed).
+
+        Without it gloo's worker threads outlive the interpreter's teardown and a rank can abort at
+        exit ("terminate called without an active exception") after a run that succeeded. It is
+        not called after an error: a rank stuck in a collective would make the others' teardown wait.
+        """
+        if self.size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order (picklable objects; small ones: rewards, flags)."""
         if self.size == 1:

@@ -771,6 +771,7 @@ class Trainer:
         epochs = self.cfg.train.epochs
         if start >= epochs:
             self.log(f"nothing to do: the run in {self.out} already finished epoch {start - 1} of train.epochs={epochs}; raise train.epochs to train longer")
+            self.world.close()
             return self.out
         main = self.world.is_main
         with StopSignals(self.log) as stop:
@@ -794,6 +795,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         self.world.barrier()  # no rank leaves before rank 0 has written the last checkpoint
+        self.world.close()
         return self.out
 
     def _check_sharding(self) -> None:

@@ -65,3 +65,17 @@ def test_train_refuses_a_world_size_that_cannot_share_the_batch_before_launching
     assert res.exit_code == 2 and "micro_batch 18 does not divide" in res.output
     res = CliRunner().invoke(main, ["train", recipe, "--num-processes", "3"])
     assert res.exit_code == 2 and "--launcher accelerate" in res.output
+
+
+def test_world_close_leaves_the_process_group():
+    # A finished run must destroy its group, or gloo's threads can abort the process at exit.
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        World(0, 2, 0, torch.device("cpu")).close()
+        assert not torch.distributed.is_initialized()
+        World(0, 2, 0, torch.device("cpu")).close()  # a second close is harmless
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    World.single().close()  # one process: nothing to leave
