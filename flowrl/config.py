@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flowrl.errors import FlowrlError
 
@@ -70,6 +70,19 @@ class PromptsConfig(Strict):
         "while the set has enough). by-tag: every task tag equally likely, whatever its number of prompts "
         "(GenEval's score is the mean over tags; needs a .jsonl set with tags).",
     )
+    tag_weights: dict[str, float] | None = Field(
+        None,
+        description="With sampling: by-tag, each tag's relative share of an epoch's prompts, e.g. {position: 2, "
+        "single_object: 0.5}; a tag not named weighs 1, weight 0 leaves it out. None: every tag the same share.",
+    )
+
+    @field_validator("tag_weights")
+    @classmethod
+    def _weights_not_negative(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: w for k, w in (v or {}).items() if not w >= 0}
+        if bad:
+            raise ValueError(f"tag weights must be >= 0 (0 leaves a tag out), got {bad}")
+        return v
 
 
 class OptimizerConfig(Strict):
@@ -321,7 +334,8 @@ def issues_from_validation(err: ValidationError, model: type[BaseModel], prefix:
             msg = "required key is missing; add it"
         else:
             found = f" (found {_describe(e.get('input'))})" if "input" in e else ""
-            msg = f"{e['msg']}{found}"
+            text = e["msg"].removeprefix("Value error, ")  # a validator's own message reads better bare
+            msg = f"{text}{found}"
         out.append(Issue(key, msg, line))
     return out
 

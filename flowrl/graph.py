@@ -44,6 +44,12 @@ def check_graph(p: ResolvedPipeline) -> list[tuple[str, str]]:
                 f"{', '.join(ok)}); use kind: girsanov, or set beta: 0",
             ))
 
+    if cfg.prompts.tag_weights and cfg.prompts.sampling != "by-tag":
+        problems.append((
+            "prompts.tag_weights",
+            f"tag weights share an epoch's prompts among task tags, which sampling: {cfg.prompts.sampling} does not do; "
+            "set prompts.sampling: by-tag, or remove tag_weights",
+        ))
     batch, group = cfg.train.batch_size, cfg.prompts.group_size
     if batch % group:
         near = [d for d in _divisors(batch) if d > 1]

@@ -74,12 +74,19 @@ def prompt_tags(prompts: PromptSet) -> tuple[str, ...] | None:
     return tags
 
 
-def pick_prompts(n_prompts: int, n_total: int, rng, tags: tuple[str, ...] | None = None, sampling: str = "uniform"):
+def pick_prompts(
+    n_prompts: int,
+    n_total: int,
+    rng,
+    tags: tuple[str, ...] | None = None,
+    sampling: str = "uniform",
+    tag_weights: dict[str, float] | None = None,
+):
     """Indices of the prompts of one epoch, int64 [n_prompts].
 
     uniform: a random subset (with replacement only when n_prompts > n_total).
-    by-tag: the slots are shared out evenly among the tags (n_prompts // T each, the remainder to
-    tags drawn at random); within a tag, prompts are drawn without replacement, cycling through a
+    by-tag: the slots are shared out among the tags in proportion to `tag_weights`, evenly without
+    them (`tag_slots`); within a tag, prompts are drawn without replacement, cycling through a
     fresh permutation when the tag has fewer prompts than slots. Tags are visited in sorted order,
     so the result depends only on `rng`'s state.
 
@@ -89,13 +96,18 @@ def pick_prompts(n_prompts: int, n_total: int, rng, tags: tuple[str, ...] | None
         rng: a numpy Generator.
         tags: each prompt's tag [n_total] (needed for by-tag).
         sampling: "uniform" or "by-tag".
+        tag_weights: by-tag only: relative share of each tag (a tag not named weighs 1, 0 leaves
+            it out).
 
     Raises:
-        ValueError: by-tag without tags, or an unknown sampling.
+        ValueError: by-tag without tags, an unknown sampling, tag weights with uniform sampling,
+            or weights that name no tag of the set or leave none.
     """
     import numpy as np
 
     if sampling == "uniform":
+        if tag_weights:
+            raise ValueError("tag weights need by-tag prompt sampling")
         return rng.choice(n_total, size=n_prompts, replace=n_prompts > n_total).astype(np.int64)
     if sampling != "by-tag":
         raise ValueError(f"unknown prompt sampling {sampling!r}; use uniform or by-tag")
@@ -103,9 +115,7 @@ def pick_prompts(n_prompts: int, n_total: int, rng, tags: tuple[str, ...] | None
         raise ValueError("by-tag prompt sampling needs a tag for every prompt")
     tag_of = np.asarray(tags)
     names = sorted(set(tags))
-    slots = np.full(len(names), n_prompts // len(names))
-    extra = rng.choice(len(names), size=n_prompts % len(names), replace=False)
-    slots[extra] += 1
+    slots = tag_slots(n_prompts, names, tag_weights or {}, rng)
     chosen = []
     for name, k in zip(names, slots, strict=True):
         members = np.flatnonzero(tag_of == name)
@@ -114,3 +124,38 @@ def pick_prompts(n_prompts: int, n_total: int, rng, tags: tuple[str, ...] | None
         chosen.append(order[:k])
     out = np.concatenate(chosen).astype(np.int64)
     return out[rng.permutation(len(out))]
+
+
+def check_tag_weights(weights: dict[str, float], names: list[str]) -> None:
+    """Refuse weights that name a tag the set lacks, or that leave no tag with a share.
+
+    Raises:
+        ValueError: naming the unknown tags and the set's tags.
+    """
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"tag weights name {unknown}, which no prompt of the set has; its tags are {names}")
+    if all(weights.get(n, 1.0) <= 0 for n in names):
+        raise ValueError(f"tag weights give every tag of the set ({names}) a weight of 0; give at least one a positive weight")
+
+
+def tag_slots(n_prompts: int, names: list[str], weights: dict[str, float], rng):
+    """How many of an epoch's `n_prompts` prompts each tag of `names` gets: int64 [len(names)].
+
+    Shares are proportional to `weights` (1 for a tag not named). Each tag gets the whole part of
+    its share; the slots left over go to tags drawn without replacement with odds proportional to
+    the fractional parts (evenly when those are equal, as with no weights).
+    """
+    import numpy as np
+
+    check_tag_weights(weights, names)
+    w = np.array([max(0.0, float(weights.get(n, 1.0))) for n in names])
+    share = n_prompts * w / w.sum()
+    slots = np.floor(share + 1e-9).astype(np.int64)
+    left = n_prompts - int(slots.sum())
+    if left:
+        frac = np.clip(share - slots, 0.0, None)
+        equal = np.allclose(frac, frac[0])
+        extra = rng.choice(len(names), size=left, replace=False, p=None if equal else frac / frac.sum())
+        slots[extra] += 1
+    return slots

@@ -49,7 +49,7 @@ from flowrl.config import Change, ResolvedPipeline, diff_configs
 from flowrl.distributed import World, assemble, init_world, rank_positions, shard_problems
 from flowrl.errors import FlowrlError, NumericalError, ResumeError, RewardError
 from flowrl.policy import ADAPTERS, FlowPolicy
-from flowrl.prompts import PromptSet, load_prompt_set, pick_prompts, prompt_tags, resolve_prompt_path
+from flowrl.prompts import PromptSet, check_tag_weights, load_prompt_set, pick_prompts, prompt_tags, resolve_prompt_path
 from flowrl.rewards.base import as_float_images, check_batch
 from flowrl.rewards.mix import RewardMix, check_part, combine, mix_advantages, mix_metrics
 from flowrl.types import Conditioning, PromptBatch, RewardOutput, Rollout
@@ -731,6 +731,11 @@ class Trainer:
                 f"prompts.sampling: by-tag needs a task tag for every train prompt, but {c.prompts.train} has none "
                 "(a .txt set, or records without 'tag'); give a GenEval-metadata .jsonl set or use sampling: uniform"
             )
+        if c.prompts.tag_weights and self.train_tags is not None:
+            try:
+                check_tag_weights(c.prompts.tag_weights, sorted(set(self.train_tags)))
+            except ValueError as err:
+                raise FlowrlError(f"prompts.tag_weights: {err} ({c.prompts.train}); fix the tag names or weights") from None
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
         torch.manual_seed(c.train.seed)
@@ -866,7 +871,7 @@ class Trainer:
         c = self.cfg
         n_prompts = c.train.batch_size // c.prompts.group_size
         rng = np.random.default_rng(derive_seed(c.train.seed, epoch, 1))
-        chosen = pick_prompts(n_prompts, len(self.train_set), rng, self.train_tags, c.prompts.sampling)
+        chosen = pick_prompts(n_prompts, len(self.train_set), rng, self.train_tags, c.prompts.sampling, c.prompts.tag_weights)
         idx = np.repeat(chosen, c.prompts.group_size)
         meta = [self.train_set.metadata[i] for i in idx] if self.train_set.metadata else ()
         groups = torch.from_numpy(np.repeat(np.arange(n_prompts), c.prompts.group_size))

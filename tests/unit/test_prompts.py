@@ -49,3 +49,41 @@ def test_by_tag_without_tags_or_unknown_sampling_is_refused():
 def test_toy_train_set_tags_are_read_from_its_metadata():
     tags = prompt_tags(load_prompt_set("toy-train"))
     assert tags is not None and Counter(tags)["color_attr"] == 96  # the skew by-tag sampling corrects
+
+
+def test_tag_weights_share_the_slots_in_proportion():
+    w = {"a": 1.0, "b": 2.0, "c": 1.0}  # 12 slots: 3, 6, 3 exactly
+    idx = pick_prompts(12, len(TAGS), np.random.default_rng(0), TAGS, "by-tag", w)
+    counts = Counter(TAGS[i] for i in idx)
+    assert counts == {"a": 3, "b": 6, "c": 3}
+
+
+def test_tag_weights_leftover_slots_follow_the_fractions():
+    # 10 slots at 1:2 -> 3.33 and 6.67: "b" gets the leftover slot 2 times in 3, "a" 1 in 3.
+    tags = ("a",) * 6 + ("b",) * 6
+    got = Counter()
+    for seed in range(600):
+        got[Counter(tags[i] for i in pick_prompts(10, 12, np.random.default_rng(seed), tags, "by-tag", {"b": 2}))["b"]] += 1
+    assert set(got) == {6, 7}
+    assert 0.6 < got[7] / 600 < 0.73
+
+
+def test_tag_weight_zero_leaves_a_tag_out_and_unnamed_tags_weigh_one():
+    idx = pick_prompts(10, len(TAGS), np.random.default_rng(2), TAGS, "by-tag", {"a": 0.0})
+    counts = Counter(TAGS[i] for i in idx)
+    assert counts == {"b": 5, "c": 5}
+
+
+def test_equal_tag_weights_are_plain_by_tag_draw_for_draw():
+    a = pick_prompts(32, len(TAGS), np.random.default_rng(7), TAGS, "by-tag")
+    b = pick_prompts(32, len(TAGS), np.random.default_rng(7), TAGS, "by-tag", {"a": 2.0, "b": 2.0, "c": 2.0})
+    assert a.tolist() == b.tolist()
+
+
+def test_bad_tag_weights_are_refused():
+    with pytest.raises(ValueError, match=r"\['d'\].*its tags are \['a', 'b', 'c'\]"):
+        pick_prompts(4, len(TAGS), np.random.default_rng(0), TAGS, "by-tag", {"d": 1.0})
+    with pytest.raises(ValueError, match="weight of 0"):
+        pick_prompts(4, len(TAGS), np.random.default_rng(0), TAGS, "by-tag", {"a": 0, "b": 0, "c": 0})
+    with pytest.raises(ValueError, match="need by-tag"):
+        pick_prompts(4, len(TAGS), np.random.default_rng(0), TAGS, "uniform", {"a": 2})
