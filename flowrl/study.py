@@ -486,7 +486,8 @@ class StudyPlan:
             (equal epochs) or "fixed" (--epochs).
         source: where the seconds come from: "estimated" (the CostModel) or "measured" (a
             Calibration of this machine).
-        probe_s: seconds of the calibration's probe runs of these combinations (part of the study).
+        probe_s: seconds of the calibration's probe runs of these combinations and of its timed
+            evaluation (part of the study).
     """
 
     runs: tuple[RunPlan, ...]
@@ -602,7 +603,11 @@ def plan_study(
         eval_s, overhead_s = cost.evaluation_seconds(n_images, eval_settings.steps), cost.run_overhead_s
     else:
         per_epoch, eval_s, overhead_s = calibrated_seconds(calibration, pipelines, eval_settings, n_images, cost)
-    probe_s = sum(calibration.probes[k].wall_s for k in pipelines if k in calibration.probes) if calibration else 0.0
+    probe_s = 0.0
+    if calibration is not None and any(k in calibration.probes for k in pipelines):
+        # the probes' runs, and the timed evaluation of one probe's checkpoint
+        probe_s = sum(calibration.probes[k].wall_s for k in pipelines if k in calibration.probes)
+        probe_s += calibration.eval_s.get(eval_settings.tag(), 0.0)
     n_runs = len(ok) * len(seeds)
     fixed_cost = probe_s + eval_s + n_runs * (overhead_s + evals_per_run * eval_s)
     fixed_cost += len(seeds) * sum(fixed[k] * per_epoch[k] for k in fixed if k in per_epoch)
