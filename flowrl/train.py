@@ -270,7 +270,7 @@ RESUME_FREE = (
 RESUME_FIXED = ("model.lora", "model.finetune")
 #: What a run folder's pipeline.yaml means where it lacks a setting added to flowrl later: the
 #: value every run of the versions before it had.
-IMPLICIT_SETTINGS = {("model", "finetune"): "lora"}
+IMPLICIT_SETTINGS = {("model", "finetune"): "lora", ("prompts", "tag_weights"): None}
 
 ResumeCategory = Literal["free", "guarded", "fixed"]
 

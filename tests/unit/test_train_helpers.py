@@ -92,3 +92,12 @@ def test_a_run_from_before_model_finetune_resumes_as_lora_without_a_change():
     (change,) = diff_configs(with_implicit_settings(old), full)
     assert change.key == "model.finetune" and (change.old, change.new) == ("lora", "full")
     assert with_implicit_settings({"model": "odd"}) == {"model": "odd"}, "a malformed file is left to the diff"
+
+
+def test_a_run_from_before_tag_weights_resumes_without_a_change():
+    old = {"prompts": {"train": "toy-train", "sampling": "uniform"}}
+    new = {"prompts": {"train": "toy-train", "sampling": "uniform", "tag_weights": None}}
+    assert diff_configs(with_implicit_settings(old), new) == []
+    weighted = {"prompts": {**new["prompts"], "sampling": "by-tag", "tag_weights": {"position": 2.0}}}
+    changes = {c.key for c in diff_configs(with_implicit_settings(old), weighted)}
+    assert "prompts.tag_weights" in changes and resume_category("prompts.tag_weights") == "guarded"
