@@ -79,9 +79,10 @@ class PromptsConfig(Strict):
     @field_validator("tag_weights")
     @classmethod
     def _weights_not_negative(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        bad = {k: w for k, w in (v or {}).items() if not w >= 0}
-        if bad:
-            raise ValueError(f"tag weights must be >= 0 (0 leaves a tag out), got {bad}")
+        from flowrl.prompts import check_tag_weights
+
+        if v:
+            check_tag_weights(v, None)  # the sign here; the tag names once the train set is read
         return v
 
 

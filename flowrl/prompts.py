@@ -126,12 +126,18 @@ def pick_prompts(
     return out[rng.permutation(len(out))]
 
 
-def check_tag_weights(weights: dict[str, float], names: list[str]) -> None:
-    """Refuse weights that name a tag the set lacks, or that leave no tag with a share.
+def check_tag_weights(weights: dict[str, float], names: list[str] | None) -> None:
+    """Refuse weights that are negative, name a tag the set lacks, or leave no tag with a share
+    (`names` None, before the set is read: the sign alone).
 
     Raises:
-        ValueError: naming the unknown tags and the set's tags.
+        ValueError: naming the offending weights or unknown tags, and the set's tags.
     """
+    negative = {k: w for k, w in weights.items() if not w >= 0}
+    if negative:
+        raise ValueError(f"tag weights must be >= 0 (0 leaves a tag out), got {negative}")
+    if names is None:
+        return
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ValueError(f"tag weights name {unknown}, which no prompt of the set has; its tags are {names}")
@@ -149,7 +155,7 @@ def tag_slots(n_prompts: int, names: list[str], weights: dict[str, float], rng):
     import numpy as np
 
     check_tag_weights(weights, names)
-    w = np.array([max(0.0, float(weights.get(n, 1.0))) for n in names])
+    w = np.array([float(weights.get(n, 1.0)) for n in names])
     share = n_prompts * w / w.sum()
     slots = np.floor(share + 1e-9).astype(np.int64)
     left = n_prompts - int(slots.sum())

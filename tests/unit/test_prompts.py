@@ -87,3 +87,8 @@ def test_bad_tag_weights_are_refused():
         pick_prompts(4, len(TAGS), np.random.default_rng(0), TAGS, "by-tag", {"a": 0, "b": 0, "c": 0})
     with pytest.raises(ValueError, match="need by-tag"):
         pick_prompts(4, len(TAGS), np.random.default_rng(0), TAGS, "uniform", {"a": 2})
+
+
+def test_negative_tag_weights_are_refused_not_clamped():
+    with pytest.raises(ValueError, match=r"must be >= 0.*'b': -1"):
+        pick_prompts(4, len(TAGS), np.random.default_rng(0), TAGS, "by-tag", {"b": -1.0})
