@@ -88,6 +88,18 @@ def test_baselines_are_their_pipeline_files_unchanged(entries):
     assert entries[study.FLOWGRPO].pipeline.objective.clip_range == 1e-4
 
 
+def test_nft_and_awm_differ_from_the_paper_recipe_only_in_their_objective_and_advantage(entries):
+    """Equal footing: same LoRA, reward, batch, KL, optimizer and rollouts as toy-geneval.yaml."""
+    paper = entries[study.PAPER].pipeline.to_dict()
+    allowed = {"name", "output", "objective", "advantage"}
+    for name, extra in ((study.NFT, set()), (study.AWM, {"estimator.weighting"})):
+        keys = {c.key for c in diff_configs(paper, entries[name].pipeline.to_dict())}
+        assert {k for k in keys if k.split(".")[0] not in allowed} == extra, (name, keys)
+        assert any(k.startswith("objective.kind") for k in keys)
+    assert entries[study.NFT].pipeline.objective.kl.beta == entries[study.PAPER].pipeline.objective.kl.beta
+    assert entries[study.AWM].pipeline.estimator.weighting == "uniform"
+
+
 def test_select_combos_keeps_study_order_and_names_the_nearest_on_a_typo():
     names = [c.name for c in study.select_combos(design_combos(), study.QUICK)]
     assert names == ["epg-trajectory-flow-sde", study.PAPER, study.FLOWGRPO, study.NFT, study.AWM]
@@ -118,9 +130,13 @@ def test_cost_model_hand_values(entries):
     assert cost.epoch_seconds(entries[study.PAPER].pipeline) == pytest.approx(PAPER_EPOCH_S)
     # CFG doubles both the rollout and the training passes
     assert cost.epoch_seconds(entries["pepg-elbo-flow-sde-cfg"].pipeline) == pytest.approx(8.6 + 0.3 + 10.6 * 4 / 3)
-    # NFT: 64 fp32 images, 9 terms, a KL reference pass
+    # NFT at the paper recipe's footing: the same rollout, reward and 3 re-noised terms
+    assert cost.epoch_seconds(entries[study.NFT].pipeline) == pytest.approx(PAPER_EPOCH_S)
+    # 64 fp32 images, 9 terms, a KL reference pass
+    small = load_pipeline(REPO / "pipelines" / "toy-nft.yaml", [
+        "train.batch_size=64", "train.micro_batch=64", "estimator.timestep_fraction=0.99", "train.rollout_precision=float32"])
     nft = 64 * (10 * 4.3 / 2560 * 5.5 / 4.3 + 0.3 / 256 + 9 * 5.3 / 768 * 4 / 3)
-    assert cost.epoch_seconds(entries[study.NFT].pipeline) == pytest.approx(nft)
+    assert cost.epoch_seconds(small) == pytest.approx(nft)
     assert cost.evaluation_seconds(316, 20) == pytest.approx(3.0 + 14.0)
 
 
@@ -178,7 +194,7 @@ def test_default_full_and_quick_plans_fit_their_budgets():
 
 def test_probe_batch_is_the_runs_own_or_whole_groups_per_step_never_above_the_batch(entries):
     assert study.probe_batch(entries[study.PAPER].pipeline) == 256  # by default each run's own batch
-    assert study.probe_batch(entries[study.NFT].pipeline) == 64
+    assert study.probe_batch(entries[study.FLOWGRPO].pipeline) == 64
     assert study.probe_batch(entries[study.PAPER].pipeline, target=64) == 64  # 8 groups of 8
     assert study.probe_batch(entries[study.PAPER].pipeline, target=60) == 64  # rounded up to whole groups
     assert study.probe_batch(entries[study.PAPER].pipeline, target=1000) == 256  # capped at the batch
@@ -213,21 +229,21 @@ def _calibration(entries, factor: float, names=(study.PAPER,)) -> study.Calibrat
 
 def test_calibrated_seconds_use_the_probes_and_scale_the_rest_by_the_machine_speed(entries):
     cost = CostModel()
-    names = (study.PAPER, study.NFT, study.AWM)
+    names = (study.PAPER, study.FLOWGRPO, study.AWM)
     pipes = {n: entries[n].pipeline for n in names}
     cal = study.Calibration(
-        {study.PAPER: study.Probe(64, 6.0, 30.0), study.NFT: study.Probe(64, 1.5 * cost.epoch_seconds(pipes[study.NFT]), 22.0)},
+        {study.PAPER: study.Probe(64, 6.0, 30.0), study.FLOWGRPO: study.Probe(64, 1.5 * cost.epoch_seconds(pipes[study.FLOWGRPO]), 22.0)},
         {EvalSettings().tag(): 40.0},
     )
     per_epoch, eval_s, overhead = study.calibrated_seconds(cal, pipes, EvalSettings(), 316)
     assert per_epoch[study.PAPER] == pytest.approx(24.0)  # 6 s per 64 images -> 256 images
-    assert per_epoch[study.NFT] == pytest.approx(1.5 * cost.epoch_seconds(pipes[study.NFT]))
+    assert per_epoch[study.FLOWGRPO] == pytest.approx(1.5 * cost.epoch_seconds(pipes[study.FLOWGRPO]))
     # AWM was not probed: the median speed of the probed two (1.5 and 24 / PAPER_EPOCH_S) times its estimate
     speed = float(np.median([24.0 / PAPER_EPOCH_S, 1.5]))
     assert cal.speed(cost, pipes) == pytest.approx(speed)
     assert per_epoch[study.AWM] == pytest.approx(speed * cost.epoch_seconds(pipes[study.AWM]))
     assert eval_s == 40.0  # the timed base-model evaluation of these settings
-    assert overhead == pytest.approx(max(30.0 - study.PROBE_EPOCHS * 6.0, 22.0 - study.PROBE_EPOCHS * per_epoch[study.NFT]))
+    assert overhead == pytest.approx(max(30.0 - study.PROBE_EPOCHS * 6.0, 22.0 - study.PROBE_EPOCHS * per_epoch[study.FLOWGRPO]))
     # other eval settings were never timed: the estimate times the speed
     other = EvalSettings(images_per_prompt=2)
     _, eval2, _ = study.calibrated_seconds(cal, pipes, other, 158)
