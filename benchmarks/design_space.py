@@ -15,7 +15,8 @@ Usage::
     .venv/bin/python benchmarks/design_space.py --tiny --out /tmp/ds --report /tmp/ds/results.md  # smoke test
 
 Before planning, the study measures this machine (OUT/calibration.json): each combination trains
-one epoch at its own batch (a probe), and one probe's checkpoint is evaluated, timed; epochs are
+two epochs at its own batch (a probe; the second, warm one is timed), and one probe's checkpoint
+is evaluated, timed; epochs are
 then allocated from these seconds rather than from the cost model's, measured on another day.
 The file is reused, so a resumed study keeps its plan; --recalibrate measures again, --no-calibrate
 plans from the cost model alone.
@@ -301,7 +302,7 @@ def calibrate(s: Settings, entries: list[study.GridEntry], console, again: bool 
     for i, e in enumerate(todo, 1):
         timed = s.eval.tag() not in have.eval_s and not evals
         say(
-            f"[bold]probe {i}/{len(todo)}[/] {e.combo.name}: {study.PROBE_EPOCHS} epoch of {study.probe_batch(e.pipeline)} images"
+            f"[bold]probe {i}/{len(todo)}[/] {e.combo.name}: {study.PROBE_EPOCHS} epoch{'s' if study.PROBE_EPOCHS > 1 else ''} of {study.probe_batch(e.pipeline)} images"
             + (", then a timed evaluation of its checkpoint" if timed else "")
         )
         pr, eval_s = probe(e, s.out / ".probes" / e.combo.name, quiet, s.eval if timed else None)

@@ -286,9 +286,11 @@ class CostModel:
 #: Images per probe epoch: None probes at each run's own batch. The first quick study with 64-image
 #: probes planned 20 % too few seconds: per image, a 256-image epoch cost more than a 64-image one.
 PROBE_IMAGES: int | None = None
-#: Epochs of a probe run. One: its warm-up makes the estimate a little high, which a budget can
-#: afford; a second epoch would double the probes' cost.
-PROBE_EPOCHS = 1
+#: Epochs of a probe run; the plan uses the last one's seconds. Two: with one, the full study's first
+#: probe (a cold process on a cold disk) read 21.9 s for an epoch its runs took 17.0 s in, so that
+#: combination got 4 epochs where its equal-cost twins got 6. The second epoch costs about 7 minutes
+#: of the 3-hour budget.
+PROBE_EPOCHS = 2
 
 
 def probe_batch(p: Any, target: int | None = PROBE_IMAGES) -> int:
