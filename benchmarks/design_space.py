@@ -16,8 +16,8 @@ Usage::
 
 Before planning, the study measures this machine (OUT/calibration.json): each combination trains
 two epochs at its own batch (a probe; the second, warm one is timed), and one probe's checkpoint
-is evaluated, timed; epochs are
-then allocated from these seconds rather than from the cost model's, measured on another day.
+is evaluated, timed; epochs are then allocated from these seconds rather than from the cost
+model's, measured on another day.
 The file is reused, so a resumed study keeps its plan; --recalibrate measures again, --no-calibrate
 plans from the cost model alone.
 
