@@ -366,7 +366,10 @@ class FlowPolicy:
         with context:
             v = module(
                 hidden_states=x_in.to(dtype),
-                timestep=(t_in * 1000).to(dtype),
+                # float32, as StableDiffusion3Pipeline passes its scheduler's timesteps: the transformer
+                # casts the sinusoidal embedding to its dtype, so the time itself is never rounded. In
+                # bfloat16 t * 1000 would round to multiples of 4 near 1000 (up to 2 units off).
+                timestep=t_in.float() * 1000,
                 encoder_hidden_states=emb.to(dtype),
                 pooled_projections=pooled.to(dtype),
                 return_dict=False,

@@ -9,7 +9,6 @@ agree, instead of a noisy difference of two independent estimates.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import ClassVar, Literal
 
@@ -38,10 +37,14 @@ def elbo_weighted(
     """One ELBO Monte-Carlo term (up to a constant) of each sample, [B].
 
     With u = eps - x0 and means over the non-batch dims:
-        adaptive: -mean((x0_hat - x0)^2) / sg(mean|x0_hat - x0|), divided by `guidance` when != 1
+        adaptive: -mean((x0_hat - x0)^2) / sg(mean|x0_hat - x0|), divided by g = `guidance`
         t: -mean((x0_hat - x0)^2)  (= -t^2 mean((v - u)^2))
-        uniform: -mean((v - u)^2)
+        uniform: -mean((v - u)^2), divided by g^2
         exact: -((1 - t) / (t + 1e-3)) mean((v - u)^2)
+
+    The CFG divisions are the paper's code's (`compute_elbo`): with g != 1 the guided velocity's
+    error grows about like g, so the adaptive term (error^2 / |error|) is divided by g and the
+    uniform one (error^2) by g^2; `t` and `exact` are left undivided there, and so here.
 
     Args:
         v: [B, C, h, w] velocity at (x_t, t).
@@ -50,7 +53,7 @@ def elbo_weighted(
         eps: [B, C, h, w] the noise of x_t.
         t: [B] times.
         weighting: one of the four above.
-        guidance: the CFG scale the velocity was computed with (adaptive only).
+        guidance: the CFG scale g the velocity was computed with (adaptive and uniform).
 
     Returns:
         [B] log-likelihood estimate (higher is more likely).
@@ -63,19 +66,20 @@ def elbo_weighted(
         return -((x0_prediction(v, x_t, t) - x0) ** 2).flatten(1).mean(dim=1)
     fm = flow_matching_error(v, x0, eps)
     if weighting == "uniform":
-        return -fm
+        return -fm / guidance**2 if guidance != 1.0 else -fm
     if weighting == "exact":
         return -((1 - t.to(fm.dtype)) / (t.to(fm.dtype) + _EXACT_OFFSET)) * fm
     raise ValueError(f"unknown ELBO weighting {weighting!r}; use adaptive, t, uniform or exact")
 
 
 def num_terms(n_grid: int, fraction: float) -> int:
-    """Timesteps kept per image: floor(n_grid * fraction), at least 1 (10 x 0.99 -> 9).
+    """Timesteps kept per image: ``max(1, int(n_grid * fraction))``, exactly the paper's (and
+    FlowGRPO's and DiffusionNFT's) expression: 10 x 0.99 -> 9.
 
-    Floor, not round-half-even: the reference recipe's 0.99 keeps 9 of 10 steps. The 1e-9 guards
-    products such as 100 * 0.29 = 28.999999999999996 against losing a step to float error.
+    The float product is truncated as those codes truncate it, so 100 x 0.29 = 28.999999999999996
+    keeps 28 there and here; guarding it to 29 would train a step the reference recipes do not.
     """
-    return max(1, min(n_grid, math.floor(n_grid * fraction + 1e-9)))
+    return max(1, min(n_grid, int(n_grid * fraction)))
 
 
 def times_in_range(grid: Tensor, t_range: tuple[float, float]) -> Tensor:

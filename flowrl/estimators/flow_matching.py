@@ -6,10 +6,12 @@ through flowrl.estimators -> flowrl.objectives.kl.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-#: Keeps the adaptive normaliser finite when a prediction is exact (never reached in practice).
-_ADAPTIVE_FLOOR = 1e-8
+#: Floor of the adaptive normaliser sg(mean|x0_hat - x0|): the paper's code and DiffusionNFT clamp it
+#: at 1e-5 (computed in float64), which bounds a near-exact prediction's weight at 1e5.
+ADAPTIVE_FLOOR = 1e-5
 
 
 def _bcast(t: Tensor, like: Tensor) -> Tensor:
@@ -36,10 +38,13 @@ def adaptive_x0_loss(v: Tensor, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
     """Adaptive x0 regression loss mean((x0_hat - x0)^2) / sg(mean|x0_hat - x0|), [B].
 
     The stop-gradient normaliser rescales each sample's loss to the size of its own error, so easy
-    (small t) and hard (large t) terms contribute gradients of similar size.
+    (small t) and hard (large t) terms contribute gradients of similar size. As in the paper's code
+    and DiffusionNFT, it is computed in float64 and clamped at `ADAPTIVE_FLOOR` (1e-5); the loss
+    keeps the dtype of `v`.
     """
     err = (x0_prediction(v, x_t, t) - x0).flatten(1)
-    norm = err.abs().mean(dim=1).detach().clamp_min(_ADAPTIVE_FLOOR)
+    with torch.no_grad():
+        norm = err.double().abs().mean(dim=1).clamp_min(ADAPTIVE_FLOOR).to(err.dtype)
     return (err**2).mean(dim=1) / norm
 
 

@@ -3,7 +3,7 @@
 The score of one image is a pure function of its prompt and the recognised text (`text_reward`):
 
     target     = the text between the first pair of ASCII double quotes of the prompt
-    normalise  = remove all whitespace, lowercase (both target and recognised text)
+    normalise  = remove ASCII spaces (U+0020 only), lowercase (both target and recognised text)
     distance   = 0 if target is a substring of recognised, else Levenshtein(recognised, target)
     reward     = 1 - min(distance, len(target)) / len(target)          (in [0, 1])
 
@@ -54,8 +54,10 @@ QUOTE_HINT = (
 
 
 def normalize_text(text: str) -> str:
-    """Remove all whitespace and lowercase, as FlowGRPO compares texts."""
-    return "".join(text.split()).lower()
+    """Remove the ASCII space U+0020 and lowercase, exactly as FlowGRPO compares texts
+    (``text.replace(' ', '').lower()``): tabs, newlines, NBSP (U+00A0) and the ideographic space
+    (U+3000) are kept and count as characters of the edit distance."""
+    return text.replace(" ", "").lower()
 
 
 def _short(prompt: str, limit: int = 160) -> str:
@@ -82,7 +84,7 @@ def quoted_target(prompt: str) -> str:
     Example: ``quoted_target('a sign that says "Open Late" in neon') == "Open Late"``.
 
     Raises:
-        FlowrlError: no pair of double quotes, or only whitespace between them; the message names
+        FlowrlError: no pair of double quotes, or only spaces between them; the message names
             the prompt and how to fix it.
     """
     problem = _quote_problem(prompt)
@@ -99,11 +101,11 @@ def target_reward(target: str, recognized: str) -> float:
     """1 - min(distance, len) / len for an already extracted (not necessarily normalised) target.
 
     Raises:
-        FlowrlError: the target is empty after removing whitespace.
+        FlowrlError: the target is empty after removing spaces.
     """
     goal, seen = normalize_text(target), normalize_text(recognized)
     if not goal:
-        raise FlowrlError(f"the ocr reward's target {target!r} is empty after removing whitespace; {QUOTE_HINT}")
+        raise FlowrlError(f"the ocr reward's target {target!r} is empty after removing spaces; {QUOTE_HINT}")
     distance = 0 if goal in seen else Levenshtein.distance(seen, goal)
     return 1.0 - min(distance, len(goal)) / len(goal)
 
@@ -118,7 +120,7 @@ def text_reward(prompt: str, recognized: str) -> float:
     Returns:
         1 when the normalised target is a substring of the normalised recognised text, else
         1 - min(Levenshtein(recognised, target), len(target)) / len(target), lengths counted after
-        removing whitespace.
+        removing ASCII spaces.
 
     Raises:
         FlowrlError: the prompt has no (non-empty) quoted target.

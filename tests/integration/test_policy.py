@@ -39,6 +39,45 @@ def test_euler_reproduces_diffusers_pipeline(policy, guidance):
     torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
 
 
+def _timesteps_seen(transformer, run) -> list[torch.Tensor]:
+    """The `timestep` argument of every transformer call made by `run()`."""
+    seen: list[torch.Tensor] = []
+    handle = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].detach().clone()), with_kwargs=True
+    )
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_a_bf16_model_gets_the_float32_timesteps_diffusers_gives_it():
+    """StableDiffusion3Pipeline hands its transformer the scheduler's float32 timesteps even in
+    bfloat16; flowrl must pass the very same values, not t * 1000 rounded to bfloat16 (multiples of
+    4 near 1000: 973.06 -> 972, 943.05 -> 944)."""
+    from flowrl.registry import lookup
+    from flowrl.samplers import initial_noise
+
+    steps = 6
+    policy = FlowPolicy.from_config(ModelConfig(path=str(TOY_MODEL), dtype="bfloat16", lora=LoraConfig(rank=4, alpha=8)))
+    pipe = load_pipeline(str(TOY_MODEL), torch.bfloat16)
+    noise = initial_noise([11, 12], policy.latent_shape)
+    theirs = _timesteps_seen(pipe.transformer, lambda: pipe(
+        PROMPTS, latents=noise.to(torch.bfloat16), num_inference_steps=steps, guidance_scale=1.0,
+        max_sequence_length=policy.max_sequence_length, output_type="latent"))
+    sampler_cls = lookup("sampler", "euler")
+    sampler = sampler_cls(sampler_cls.Config(kind="euler", steps=steps, guidance=1.0))
+    cond = policy.encode(PROMPTS)
+    with torch.no_grad():
+        ours = _timesteps_seen(policy.transformer, lambda: sampler(policy, cond, [11, 12], policy.latent_shape))
+    assert len(ours) == len(theirs) == steps
+    for mine, ref in zip(ours, theirs, strict=True):
+        assert mine.dtype == ref.dtype == torch.float32
+        assert torch.equal(mine, ref)
+    assert not torch.equal(theirs[1], theirs[1].to(torch.bfloat16).float()), "the grid must hold a time bf16 rounds"
+
+
 def test_adapters_start_equal_to_the_base_and_blend(policy):
     cond = policy.encode(PROMPTS)
     x, t = torch.randn(2, *policy.latent_shape), torch.tensor([0.3, 0.8])

@@ -38,8 +38,12 @@ def _tiny():
         ("adaptive", 1.0, -0.0625 / 0.25),
         ("adaptive", 2.0, -0.0625 / 0.25 / 2),
         ("t", 1.0, -0.0625),
+        ("t", 2.0, -0.0625),  # the paper's code divides only adaptive (by g) and uniform (by g^2)
         ("uniform", 1.0, -0.25),
+        ("uniform", 2.0, -0.25 / 4),
+        ("uniform", 4.5, -0.25 / 20.25),
         ("exact", 1.0, -(0.5 / 0.501) * 0.25),
+        ("exact", 2.0, -(0.5 / 0.501) * 0.25),
     ],
 )
 def test_weightings_on_hand_values(weighting, guidance, expected):
@@ -77,14 +81,34 @@ def test_adaptive_each_policy_uses_its_own_normaliser():
     assert adaptive_x0_loss(2 * v, x_t, x0, t).item() == pytest.approx(1.0)
 
 
+def test_adaptive_normaliser_is_floored_at_1e_5():
+    """The paper's code and DiffusionNFT clamp sg(mean|x0_hat - x0|) at 1e-5 (in float64): an error
+    of 1e-7 per element gives mse 1e-14 / 1e-5 = 1e-9, not 1e-14 / 1e-7 = 1e-7 (the old 1e-8 floor
+    would not bind)."""
+    x0 = torch.zeros(1, 2, 1, 1)
+    eps = torch.zeros(1, 2, 1, 1)
+    t = torch.tensor([0.5])
+    v = torch.full((1, 2, 1, 1), -2e-7)  # x0_hat = x_t - t v = 1e-7 everywhere
+    out = adaptive_x0_loss(v, noised(x0, eps, t), x0, t)
+    assert out.item() == pytest.approx(1e-14 / 1e-5, rel=1e-5)
+    # above the floor the normaliser is the sample's own mean absolute error
+    big = adaptive_x0_loss(torch.full((1, 2, 1, 1), -2e-3), noised(x0, eps, t), x0, t)
+    assert big.item() == pytest.approx(1e-6 / 1e-3, rel=1e-5)
+
+
 # -------------------------------------------------------------------------------- timestep draw
 
 
-def test_num_terms_floor():
+def test_num_terms_is_the_papers_max_1_int_n_f():
     assert num_terms(10, 0.99) == 9
     assert num_terms(10, 1.0) == 10
     assert num_terms(10, 0.01) == 1
-    assert num_terms(100, 0.29) == 29  # 100 * 0.29 = 28.999999999999996 in floats
+    # 100 * 0.29 = 28.999999999999996 in floats: int() truncates it to 28, as the paper's code does
+    assert num_terms(100, 0.29) == int(100 * 0.29) == 28
+    assert num_terms(100, 0.57) == int(100 * 0.57) == 56  # 56.99999999999999
+    for n in range(1, 60):
+        for f in (0.07, 0.1, 0.29, 0.3, 0.33, 0.57, 0.7, 0.99, 1.0):
+            assert num_terms(n, f) == max(1, int(n * f))
 
 
 def test_timestep_draw_distinct_grid_values_per_image(fake_model, rollout_factory):
