@@ -100,8 +100,14 @@ class OptimizerConfig(Strict):
 
 
 class OldPolicyConfig(Strict):
-    rate: float = Field(0.001, ge=0, description="d = min(rate * epoch, max) in old <- d old + (1-d) theta.")
-    max: float = Field(0.5, ge=0, lt=1)
+    """The old policy's soft update after each epoch's optimizer steps: old <- d old + (1 - d) theta,
+    d = 0 before `start`, then min(rate * (s - start), max), s the optimizer steps taken so far (the
+    paper's and DiffusionNFT's return_decay(global_step); their decay types 1 and 2 are
+    (rate 0.001, max 0.5, start 0) and (0.0075, 0.999, 75))."""
+
+    rate: float = Field(0.001, ge=0, description="d = min(rate * (s - start), max) in old <- d old + (1-d) theta, s = optimizer steps so far.")
+    max: float = Field(0.5, ge=0, lt=1, description="The most d grows to.")
+    start: int = Field(0, ge=0, description="Optimizer steps during which d stays 0 (old = theta after each epoch).")
 
 
 class TrainConfig(Strict):

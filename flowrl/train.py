@@ -168,6 +168,16 @@ def learning_rate(epoch: int, epochs: int, lr: float, schedule: str, warmup: int
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def old_policy_decay(step: int, rate: float, cap: float, start: int = 0) -> float:
+    """d of the old policy's soft update old <- d old + (1 - d) theta after `step` optimizer steps
+    in all: 0 before `start`, then min(rate * (step - start), cap). The paper's and DiffusionNFT's
+    return_decay(global_step), called after each epoch's steps with the count that includes them:
+    one step per epoch gives 0.001 after the first epoch, two steps per epoch 0.002."""
+    if step < start:
+        return 0.0
+    return min(rate * (step - start), cap)
+
+
 def tag_metrics(mix, parts: dict, failures: dict[str, int], metadata) -> dict[str, float]:
     """Per-task-tag train scores, ``reward/<label>/tag/<tag>``, of every reward that summarises by
     tag (GenEval: strict accuracy per tag) and scored every image of the batch."""
@@ -270,7 +280,7 @@ RESUME_FREE = (
 RESUME_FIXED = ("model.lora", "model.finetune")
 #: What a run folder's pipeline.yaml means where it lacks a setting added to flowrl later: the
 #: value every run of the versions before it had.
-IMPLICIT_SETTINGS = {("model", "finetune"): "lora", ("prompts", "tag_weights"): None}
+IMPLICIT_SETTINGS = {("model", "finetune"): "lora", ("prompts", "tag_weights"): None, ("train", "old", "start"): 0}
 
 ResumeCategory = Literal["free", "guarded", "fixed"]
 
@@ -652,6 +662,7 @@ class Trainer:
         self.world = World.single()  # joined to the launcher's process group in `run`
         self.skipped_total = 0  # optimizer steps skipped for non-finite values, whole run
         self.bad_in_a_row = 0  # consecutive skipped steps (train.max_bad_steps)
+        self.global_step = 0  # optimizer steps taken, whole run (the old policy's decay counts them)
         self.stopped_by: str | None = None
         self.stopped_at: int | None = None
         self._changes: list[Change] = []
@@ -1120,11 +1131,12 @@ class Trainer:
                 continue
             self.bad_in_a_row = 0
             self.optimizer.step()
+            self.global_step += 1
             grad_norms.append(norm)
             for k, v in step_sums.items():
                 sums[k] += v
             self.policy.blend_adapter("ema", "policy", c.train.ema_decay)
-        decay = min(c.train.old.rate * epoch, c.train.old.max)
+        decay = old_policy_decay(self.global_step, c.train.old.rate, c.train.old.max, c.train.old.start)
         self.policy.blend_adapter("old", "policy", decay)
         t_train = time.perf_counter()
 
@@ -1136,6 +1148,7 @@ class Trainer:
         metrics["train/skipped_steps"] = skipped
         metrics["train/skipped_total"] = self.skipped_total
         metrics["train/old_decay"] = decay
+        metrics["train/global_step"] = self.global_step
         metrics["train/lr"] = lr
         metrics["advantage/abs_mean"] = float(adv_all.abs().mean())
         metrics["time/rollout_s"] = t_roll - t0
@@ -1251,6 +1264,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state().tolist(),
             "skipped_total": self.skipped_total,
             "bad_in_a_row": self.bad_in_a_row,
+            "global_step": self.global_step,
             "finetune": self.cfg.model.finetune,
         }
         (tmp / STATE_FILE).write_text(json.dumps(state))  # last: its presence marks a complete folder
@@ -1290,6 +1304,9 @@ class Trainer:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.skipped_total = int(state.get("skipped_total", 0))  # absent in checkpoints of older versions
         self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        # Absent before the decay counted optimizer steps: every step of epochs 0..N not skipped.
+        steps_done = (int(state["epoch"]) + 1) * self.cfg.train.steps_per_epoch - self.skipped_total
+        self.global_step = int(state.get("global_step", steps_done))
 
 
 def latest_checkpoint(run: Path) -> tuple[int, Path] | None:

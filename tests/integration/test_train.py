@@ -86,6 +86,19 @@ def test_bf16_rollouts_keep_the_ratio_exact_and_lr_follows_the_schedule(tmp_path
     assert [round(r["train/lr"], 6) for r in rows if "train/lr" in r] == [0.01, 0.0075, 0.005]
 
 
+def test_old_policy_decay_counts_optimizer_steps(tmp_path: Path):
+    """Two optimizer steps per epoch make the decay grow twice as fast as one (the paper's
+    return_decay(global_step)); `start` holds it at 0 for its first steps."""
+    run = tmp_path / "decay"
+    train(
+        str(REPO / "pipelines" / "toy-geneval.yaml"), *TINY, "eval.every=0", "train.steps_per_epoch=2",
+        "train.old.start=3", "train.epochs=3", "--out", str(run),
+    )
+    rows = metrics(run)
+    assert [r["train/global_step"] for r in rows] == [2, 4, 6]
+    assert [round(r["train/old_decay"], 12) for r in rows] == [0.0, 0.001, 0.003]
+
+
 def test_refuses_to_overwrite_a_run(tmp_path: Path):
     run = tmp_path / "r"
     args = [str(REPO / "pipelines" / "toy-geneval.yaml"), *TINY, "train.epochs=1", "eval.every=0", "--out", str(run)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowrl.config import diff_configs
-from flowrl.train import group_order, learning_rate, resume_category, rollout_autocast, with_implicit_settings
+from flowrl.train import group_order, learning_rate, old_policy_decay, resume_category, rollout_autocast, with_implicit_settings
 
 
 def test_constant_schedule_with_warmup():
@@ -30,6 +30,18 @@ def test_cosine_after_warmup_starts_at_peak():
     assert learning_rate(1, 11, 2.0, "cosine", 2, 0.0) == pytest.approx(2.0)  # last warm-up epoch
     assert learning_rate(2, 11, 2.0, "cosine", 2, 0.0) == pytest.approx(2.0)  # first decay epoch
     assert learning_rate(10, 11, 2.0, "cosine", 2, 0.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_old_policy_decay_is_the_papers_return_decay_of_the_global_step():
+    # decay_type 1 (the paper's and DiffusionNFT's GenEval): min(0.001 * step, 0.5), called after the
+    # epoch's optimizer steps with the count that includes them, so the first epoch already gives 0.001
+    assert [old_policy_decay(s, 0.001, 0.5) for s in (0, 1, 2, 3)] == [0.0, 0.001, 0.002, 0.003]
+    assert old_policy_decay(10_000, 0.001, 0.5) == 0.5
+    # decay_type 2 (DiffusionNFT's OCR): flat for 75 steps, then 0.0075 per step up to 0.999
+    assert old_policy_decay(74, 0.0075, 0.999, 75) == 0.0
+    assert old_policy_decay(75, 0.0075, 0.999, 75) == 0.0
+    assert old_policy_decay(76, 0.0075, 0.999, 75) == pytest.approx(0.0075)
+    assert old_policy_decay(1000, 0.0075, 0.999, 75) == 0.999
 
 
 def test_group_order_keeps_groups_contiguous_and_is_a_permutation():
