@@ -28,6 +28,7 @@ __all__ = [
     "Judgement",
     "judge",
     "keep_detections",
+    "official_order",
     "relative_position",
 ]
 
@@ -124,11 +125,25 @@ class Judgement:
     reasons: tuple[str, ...]
 
 
+def official_order(scores: Sequence[float]) -> list[int]:
+    """Indices of `scores`, highest first, in exactly the official code's order:
+    ``np.argsort(scores)[::-1]`` over the float32 score column (evaluate_images.py).
+
+    Equal scores come out as numpy's default (unstable) argsort leaves them, reversed: for a few
+    detections that is the later-listed one first (``[0.5, 0.9, 0.5, 0.9]`` -> ``[3, 1, 2, 0]``).
+    Beyond that the tie order depends on numpy's version and the CPU's sort kernels (numpy >= 2 uses
+    SIMD sorts on AVX2/AVX-512), exactly as it does for the official code on the same machine.
+    """
+    if not len(scores):
+        return []
+    return np.argsort(np.asarray(scores, dtype=np.float32))[::-1].tolist()
+
+
 def keep_detections(detections: Sequence[Detection], threshold: float) -> list[Detection]:
     """GenEval's per-class filtering: sort by score, keep those strictly above ``threshold``, cap at 16.
 
-    Ties keep their input order (a stable sort); the official code's ``argsort`` leaves tie order
-    unspecified, so nothing should depend on it.
+    The order is the official one, ties included (see :func:`official_order`): which of two equally
+    confident objects comes first decides, e.g., whose colour a one-object prompt checks.
 
     Args:
         detections: Raw detections of one class, any order, any score.
@@ -143,7 +158,7 @@ def keep_detections(detections: Sequence[Detection], threshold: float) -> list[D
                 f"expected flowrl.rewards.geneval.Detection objects, got {type(d).__name__}; "
                 "wrap detector outputs as Detection(box=..., score=..., color=...)"
             )
-    ranked = sorted(detections, key=lambda d: -d.score)
+    ranked = [detections[i] for i in official_order([d.score for d in detections])]
     # Sorting first matters: the cap must drop the least confident objects, not the last listed.
     return [d for d in ranked if d.score > threshold][:MAX_OBJECTS]
 

@@ -88,10 +88,32 @@ def test_keep_sorts_by_score_descending() -> None:
     assert [d.score for d in kept] == [0.9, 0.6, 0.4]
 
 
-def test_keep_ties_keep_input_order() -> None:
+def test_keep_ties_follow_the_official_argsort_order() -> None:
+    # The official code orders by np.argsort(scores)[::-1]: of two equal scores the later-listed
+    # detection comes first (a stable sort would keep the listed order).
     a, b = det(box=(0, 0, 1, 1), score=0.5), det(box=(5, 5, 6, 6), score=0.5)
-    assert keep_detections([a, b], THRESHOLD) == [a, b]
-    assert keep_detections([b, a], THRESHOLD) == [b, a]
+    assert keep_detections([a, b], THRESHOLD) == [b, a]
+    assert keep_detections([b, a], THRESHOLD) == [a, b]
+    four = [det(box=(i, 0, i + 1, 1), score=s) for i, s in enumerate([0.5, 0.9, 0.5, 0.9])]
+    assert keep_detections(four, THRESHOLD) == [four[3], four[1], four[2], four[0]]
+
+
+def test_tie_order_changes_the_strict_verdict_as_in_the_official_code() -> None:
+    # "a photo of a red car": two equally confident cars, the red one listed first. The official
+    # order puts the blue one first, so the one car checked is blue: wrong (a stable sort said right).
+    red, blue = det(box=(0, 0, 10, 10), score=0.8, color="red"), det(box=(50, 0, 60, 10), score=0.8, color="blue")
+    j = judge(colored("car", "red"), {"car": [red, blue]})
+    assert not j.correct and any("blue" in r for r in j.reasons)
+    assert judge(colored("car", "red"), {"car": [blue, red]}).correct
+
+
+def test_keep_order_is_numpys_argsort_reversed_on_tie_heavy_scores() -> None:
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 8, 16, 17, 40):
+        scores = rng.choice([0.35, 0.5, 0.7, 0.95], size=n).tolist()
+        dets = [det(box=(i, 0, i + 1, 1), score=s) for i, s in enumerate(scores)]
+        want = np.argsort(np.asarray(scores, dtype=np.float32))[::-1][:MAX_OBJECTS]
+        assert keep_detections(dets, THRESHOLD) == [dets[i] for i in want]
 
 
 def test_max_objects_truncates_to_16() -> None:
