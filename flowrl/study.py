@@ -264,14 +264,17 @@ class CostModel:
 
     def epoch_seconds(self, p: Any) -> float:
         """Estimated seconds of one training epoch of a resolved pipeline."""
-        from flowrl.estimators.elbo import num_terms
+        from flowrl.estimators.elbo import num_terms, times_in_range
+        from flowrl.samplers import sd3_sigmas
 
         c = p.config
         batch, steps = c.train.batch_size, p.sampler.steps
         rollout = self.rollout_s * steps * (self.cfg_factor if p.sampler.guidance != 1.0 else 1.0)
         if c.train.rollout_precision == "float32":
             rollout *= self.fp32_rollout_factor
-        terms = num_terms(steps, p.estimator.timestep_fraction)
+        t_range = getattr(p.estimator, "t_range", None)
+        grid = steps if t_range is None else len(times_in_range(sd3_sigmas(steps, p.sampler.shift)[:-1], t_range))
+        terms = num_terms(grid, p.estimator.timestep_fraction)
         train = self.term_s * terms * (self.cfg_factor if getattr(p.estimator, "guidance", 1.0) != 1.0 else 1.0)
         kl = getattr(p.objective, "kl", None)
         if kl is not None and kl.beta > 0:

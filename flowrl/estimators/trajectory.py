@@ -26,7 +26,7 @@ from torch import Tensor
 
 from flowrl.errors import FlowrlError
 from flowrl.estimators.elbo import num_terms
-from flowrl.objectives.kl import KLConfig, check_kl, gaussian_step, girsanov
+from flowrl.objectives.kl import KLConfig, check_kl, flowgrpo_step, gaussian_step, girsanov
 from flowrl import registry
 from flowrl.registry import register
 from flowrl.samplers import gaussian_log_prob, step_distribution
@@ -45,8 +45,10 @@ class TrajectoryConfig(BaseModel):
     timestep_fraction: float = Field(
         1.0, gt=0, le=1, description="Share of the T sampler steps scored per batch (floor, at least 1)."
     )
-    reduction: Literal["mean", "sum"] = Field(
-        "mean", description="Reduction of each step's log-density over latent dims; keep it equal to the sampler's."
+    reduction: Literal["mean", "sum", "flowcps"] = Field(
+        "mean",
+        description="Reduction of each step's log-density over latent dims; keep it equal to the sampler's "
+        "(flowcps: FlowCPS's -mean((x - mean)^2), for a faithful CPS baseline).",
     )
     guidance: float = Field(1.0, gt=0, description="CFG scale of the velocities; keep it equal to the sampler's.")
 
@@ -124,7 +126,7 @@ class TrajectoryEstimator:
         Args:
             rollout: the samples with their Trajectory (latents [B, T + 1, C, h, w], sigmas [T + 1]).
             model: policy access; "policy" is called with grad, "old"/"ref" without.
-            kl: the objective's KL config (girsanov or gaussian-step; None: no KL term).
+            kl: the objective's KL config (girsanov, gaussian-step or flowgrpo-step; None: no KL term).
             generator: source of the step subset.
 
         Yields:
@@ -187,6 +189,8 @@ class TrajectoryEstimator:
                 kl_term = zeros_like_batch(l_theta)
             elif kl.kind == "gaussian-step":  # type: ignore[union-attr]
                 kl_term = gaussian_step(mean_theta, dist(x, v_ref, k)[0], std, cfg.reduction)
+            elif kl.kind == "flowgrpo-step":  # type: ignore[union-attr]
+                kl_term = flowgrpo_step(mean_theta, dist(x, v_ref, k)[0], std, ts[k + 1] - ts[k], cfg.reduction)
             else:
                 kl_term = girsanov(v_theta.float(), v_ref.float())
             yield LikelihoodTerms(l_theta=l_theta, l_old=l_old, kl=kl_term, t=t, weight=1.0 / n)

@@ -1,7 +1,7 @@
 """Objectives (loss functionals over likelihood terms) and KL-to-reference terms.
 
 Importing this package registers the stages: objectives epg, epg-noratio, pepg, par, grpo, nft,
-awm; KL kinds girsanov, gaussian-step, elbo-k1, elbo-k2, elbo-k3.
+awm; KL kinds girsanov, gaussian-step, flowgrpo-step, elbo-k1, elbo-k2, elbo-k3.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from flowrl.objectives.kl import (
     elbo_k1,
     elbo_k2,
     elbo_k3,
+    flowgrpo_step,
     gaussian_step,
     girsanov,
     kl_problem,
@@ -41,6 +42,6 @@ from flowrl.objectives.awm import AWM, awm_loss  # noqa: E402
 __all__ = [
     "AWM", "EPG", "GRPO", "KL_ESTIMATORS", "NFT", "PAR", "PEPG", "EPGNoRatio", "KLConfig", "Objective",
     "ObjectiveConfig", "awm_loss", "check_kl", "elbo_k1", "elbo_k2", "elbo_k3", "epg_loss",
-    "epg_noratio_loss", "gaussian_step", "girsanov", "grpo_loss", "kl_problem", "log_ratio", "nft_loss",
+    "epg_noratio_loss", "flowgrpo_step", "gaussian_step", "girsanov", "grpo_loss", "kl_problem", "log_ratio", "nft_loss",
     "nft_weight", "par_loss", "pepg_loss", "requirement_problem", "supported_estimators", "supported_kl_kinds",
 ]  # fmt: skip

@@ -8,7 +8,11 @@ the inputs (velocities at the shared x_t, step means, or the reference ELBO).
 Kinds:
     girsanov: mean over dims of (v_theta - v_ref)^2 at the same x_t (both estimators).
     gaussian-step: (mean_theta - mean_ref)^2 / (2 std^2), reduced over dims like the step
-        log-probability (trajectory estimator only).
+        log-probability (trajectory estimator only): the exact KL of two Gaussian steps.
+    flowgrpo-step: FlowGRPO's form of it, (mean_theta - mean_ref)^2 / (2 std_t^2) with std_t the
+        step's std without its sqrt(-dt) factor: the exact one times |dt| (trajectory estimator only).
+        FlowGRPO's beta (0.04) is meant for this form; under the exact one it regularises 1 / |dt|
+        times harder (3.7x to 112x on SD3's 10-step grid).
     elbo-k1 / elbo-k2 / elbo-k3: d, d^2 / 2, e^d - 1 - d with d = ELBO_theta - ELBO_ref
         (elbo estimator only).
 """
@@ -25,13 +29,14 @@ from torch import Tensor
 from flowrl.errors import FlowrlError
 from flowrl.registry import register
 
-KLKind = Literal["girsanov", "gaussian-step", "elbo-k1", "elbo-k2", "elbo-k3"]
-Reduction = Literal["mean", "sum"]
+KLKind = Literal["girsanov", "gaussian-step", "flowgrpo-step", "elbo-k1", "elbo-k2", "elbo-k3"]
+Reduction = Literal["mean", "sum", "flowcps"]
 
 #: Which estimators can compute each KL kind (the graph check refuses other pairings).
 KL_ESTIMATORS: dict[str, tuple[str, ...]] = {
     "girsanov": ("elbo", "trajectory"),
     "gaussian-step": ("trajectory",),
+    "flowgrpo-step": ("trajectory",),
     "elbo-k1": ("elbo",),
     "elbo-k2": ("elbo",),
     "elbo-k3": ("elbo",),
@@ -56,13 +61,13 @@ class KLConfig(BaseModel):
 
 
 def _reduce(x: Tensor, reduction: Reduction) -> Tensor:
-    """Reduce [B, ...] to [B] over every non-batch dim."""
+    """Reduce [B, ...] to [B] over every non-batch dim ("flowcps" reduces by the mean)."""
     flat = x.flatten(1)
-    if reduction == "mean":
+    if reduction in ("mean", "flowcps"):
         return flat.mean(dim=1)
     if reduction == "sum":
         return flat.sum(dim=1)
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'flowcps', got {reduction!r}")
 
 
 def girsanov(v_theta: Tensor, v_ref: Tensor) -> Tensor:
@@ -83,18 +88,47 @@ def gaussian_step(mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float, red
 
     `std` is the step's full standard deviation (it already contains the sqrt(-dt) factor); the
     reduction over dims must match the one of the step log-probability so both share a scale.
+    Under FlowCPS's log-prob form (``reduction="flowcps"``, no variance) the same expectation is
+    mean((mean_theta - mean_ref)^2), FlowCPS's KL.
 
     Args:
         mean_theta: [B, C, h, w] policy step mean (with grad).
         mean_ref: [B, C, h, w] reference step mean from the same x_k.
         std: scalar or broadcastable to [B, C, h, w]; must be > 0.
-        reduction: "mean" or "sum" over the non-batch dims.
+        reduction: "mean", "sum" or "flowcps" over the non-batch dims.
 
     Returns:
         [B].
     """
+    if reduction == "flowcps":
+        return _reduce((mean_theta - mean_ref) ** 2, "mean")
     var = torch.as_tensor(std, dtype=mean_theta.dtype, device=mean_theta.device) ** 2
     return _reduce((mean_theta - mean_ref) ** 2 / (2 * var), reduction)
+
+
+def flowgrpo_step(
+    mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float, dt: float, reduction: Reduction = "mean"
+) -> Tensor:
+    """FlowGRPO's step KL: (mean_theta - mean_ref)^2 / (2 std_t^2), std_t = std / sqrt(-dt).
+
+    FlowGRPO divides by the SDE's std_t = a sqrt(t / (1 - t)), not by the step's std_t sqrt(-dt),
+    so this is the exact `gaussian_step` times |dt|. Under ``reduction="flowcps"`` it is FlowCPS's
+    mean((mean_theta - mean_ref)^2), as `gaussian_step` there (FlowCPS removed the division).
+
+    Args:
+        mean_theta: [B, C, h, w] policy step mean (with grad).
+        mean_ref: [B, C, h, w] reference step mean from the same x_k.
+        std: the step's full std (with the sqrt(-dt) factor), scalar or broadcastable; > 0.
+        dt: t_next - t < 0 of the step.
+        reduction: "mean", "sum" or "flowcps" over the non-batch dims.
+
+    Returns:
+        [B].
+    """
+    if not dt < 0:
+        raise ValueError(f"dt = t_next - t must be < 0 for a step towards the data, got {dt!r}")
+    exact = gaussian_step(mean_theta, mean_ref, std, reduction)
+    return exact if reduction == "flowcps" else exact * -dt
 
 
 def elbo_k1(d: Tensor) -> Tensor:
@@ -195,6 +229,21 @@ class GaussianStepKL(_KLStage):
 
     def __call__(self, mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float, reduction: Reduction = "mean") -> Tensor:
         return gaussian_step(mean_theta, mean_ref, std, reduction)
+
+
+@register("kl", "flowgrpo-step")
+class FlowGrpoStepKL(_KLStage):
+    """Call: (mean_theta, mean_ref, std, dt, reduction) -> [B]."""
+
+    class Config(KLConfig):
+        kind: Literal["flowgrpo-step"] = "flowgrpo-step"
+
+    estimators = KL_ESTIMATORS["flowgrpo-step"]
+
+    def __call__(
+        self, mean_theta: Tensor, mean_ref: Tensor, std: Tensor | float, dt: float, reduction: Reduction = "mean"
+    ) -> Tensor:
+        return flowgrpo_step(mean_theta, mean_ref, std, dt, reduction)
 
 
 @register("kl", "elbo-k1")

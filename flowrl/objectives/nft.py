@@ -58,7 +58,12 @@ class NFT(Objective):
     class Config(ObjectiveConfig):
         kind: Literal["nft"] = "nft"
         adv_clip: float = Field(5.0, gt=0, description="M: advantages are clipped to +-M and mapped to [0, 1].")
-        guidance_strength: float = Field(0.1, gt=0, description="g: mixing strength of the implicit policies.")
+        guidance_strength: float = Field(
+            1.0,
+            gt=0,
+            description="g: mixing strength of the implicit policies. DiffusionNFT's base config and its "
+            "GenEval, PickScore and HPSv2 configs use 1.0; its OCR and multi-reward configs 0.1.",
+        )
 
     requires: ClassVar[frozenset[str]] = VELOCITY_FIELDS
 

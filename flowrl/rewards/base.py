@@ -6,12 +6,13 @@ score (weight, scale, clip) and the label it is logged under. Image conversion l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from flowrl.types import RewardOutput
@@ -25,12 +26,40 @@ class RewardConfig(BaseModel):
     kind: str
     name: str | None = Field(None, description="Label in metrics (default: the kind).")
     weight: float = Field(1.0, description="Weight in the multi-reward sum.")
-    scale: float = Field(1.0, description="Multiplier applied to the raw score first.")
+    scale: float = Field(
+        1.0,
+        description="Multiplier applied to the raw score first; a fraction such as 1/26 is accepted (FlowGRPO's "
+        "PickScore normalisation, score / 26, which 0.0385 misses by 0.1 %).",
+    )
     clip: tuple[float, float] | None = Field(None, description="Clip the scaled score to [low, high].")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _fraction(cls, v: Any) -> Any:
+        return parse_fraction(v) if isinstance(v, str) else v
 
     @property
     def label(self) -> str:
         return self.name or self.kind
+
+
+_FRACTION = re.compile(r"\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*")
+
+
+def parse_fraction(text: str) -> float | str:
+    """'1/26' -> 1 / 26 as a float (the nearest double); any other string is returned unchanged for
+    the float check to refuse with its own message.
+
+    Raises:
+        ValueError: a zero denominator.
+    """
+    match = _FRACTION.fullmatch(text)
+    if not match:
+        return text
+    num, den = float(match.group(1)), float(match.group(2))
+    if den == 0:
+        raise ValueError(f"{text!r} divides by zero; write the scale as a number or a fraction such as 1/26")
+    return num / den
 
 
 def as_float_images(images: Any) -> Tensor:

@@ -1,7 +1,7 @@
 """PickScore (Kirstain et al. 2023): a CLIP ViT-H/14 fine-tuned on Pick-a-Pic human preferences.
 
 score = exp(logit_scale) * cos(image embedding, prompt embedding), with logit_scale read from the
-checkpoint. Raw values are about 20-24; FlowGRPO trains on score / 26 (``scale: 0.0385``).
+checkpoint. Raw values are about 20-24; FlowGRPO trains on score / 26 (``scale: 1/26``).
 """
 
 from __future__ import annotations

@@ -35,8 +35,10 @@ FLOW_SDE_NOISE_LEVEL = 0.7  # FlowGRPO
 DANCE_SDE_ETA = 0.3  # DanceGRPO
 CPS_NOISE_LEVEL = 0.8  # FlowGRPO's CPS recipes
 
-Reduction = Literal["mean", "sum"]
-REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+#: How a step's log-density is reduced over latent dims. mean / sum: of the exact Gaussian
+#: log-density. flowcps: FlowCPS's form -mean((x - mean)^2), without 1 / (2 std^2) and constants.
+Reduction = Literal["mean", "sum", "flowcps"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "flowcps")
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -162,11 +164,15 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduction: R
     Elements with std = 0 (a deterministic step such as CPS's last) have no density; they contribute
     0, and callers should not read likelihood information from such steps (``is_deterministic``).
 
+    ``reduction="flowcps"`` is FlowCPS's log-prob instead: -mean((x - mean)^2) over dims 1.., with no
+    1 / (2 std^2) and no constants. Its log-ratios are the exact Gaussian's times 2 std^2 per step,
+    so a PPO clip range means something else under it: use it for a faithful CPS baseline only.
+
     Args:
         x: [B, ...] the sample.
         mean: [B, ...] broadcastable to x.
         std: float, 0-dim, or broadcastable to x (e.g. [B, 1, ..., 1]); >= 0.
-        reduction: "mean" or "sum" over the non-batch dims.
+        reduction: "mean", "sum" or "flowcps" (see above).
 
     Returns:
         [B] in float32 (float64 for float64 inputs).
@@ -178,6 +184,8 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduction: R
     s = torch.as_tensor(std, dtype=cd, device=x.device)
     if bool((s < 0).any()) or not bool(torch.isfinite(s).all()):
         raise ValueError("std must be finite and >= 0; check the step's noise parameter and time grid")
+    if reduction == "flowcps":
+        return -((xc - mc) ** 2).flatten(1).mean(dim=1) if xc.ndim > 1 else -((xc - mc) ** 2)
     point = s == 0
     safe = torch.where(point, torch.ones_like(s), s)
     lp = -((xc - mc) ** 2) / (2 * safe**2) - torch.log(safe) - _HALF_LOG_2PI

@@ -37,8 +37,10 @@ class _Common(BaseModel):
 
 
 class _SdeCommon(_Common):
-    log_prob_reduction: Literal["mean", "sum"] = Field(
-        "mean", description="Reduction of each step's Gaussian log-density over latent dims (FlowGRPO: mean)."
+    log_prob_reduction: Literal["mean", "sum", "flowcps"] = Field(
+        "mean",
+        description="Reduction of each step's Gaussian log-density over latent dims (FlowGRPO: mean); flowcps: "
+        "FlowCPS's -mean((x - mean)^2) without the 1 / (2 std^2) and constants.",
     )
 
 

@@ -22,12 +22,15 @@ HERE = Path(__file__).resolve().parent
 #: optimizer.eps=1e-3: Adam divides by sqrt(v) + eps, which turns the last-bit differences of a
 #: different summation order (ranks sum their halves, then the halves are added) into large relative
 #: differences for gradient entries near zero; a larger eps keeps the comparison about the gradient.
+#: train.old.start=2: the old policy equals the policy after each of the 2 epochs (rho = 1, as the
+#: decay of epoch 0 used to be), so the logged PEPG loss -rho (A - log rho) l does not hold the tiny
+#: l_theta - l_old, which the ranks' last-bit weight differences would move by ~1e-4 relative.
 ARGS = [
     str(REPO / "pipelines" / "toy-geneval.yaml"), "model.path=" + str(REPO / "assets" / "toy-sd3"),
     "rewards=[{kind: 'user_stages:Brightness'}]", "train.batch_size=16", "prompts.group_size=4", "train.micro_batch=4",
     "sampler.steps=3", "estimator.timestep_fraction=0.5", "eval.every=0", "eval.sampler.steps=2", "eval.limit=1",
     "eval.images_per_prompt=1", "logging.sample_grid=false", "optimizer.schedule=constant", "optimizer.eps=1e-3",
-    "checkpoint.every=1",
+    "checkpoint.every=1", "train.old.start=2",
 ]
 
 

@@ -58,7 +58,7 @@ def test_recipe_validates_as_shipped(name: str):
     assert (c.model.lora.rank, c.model.lora.alpha, c.model.lora.init) == (32, 64.0, "gaussian")
     assert len(c.model.lora.targets) == 8
     assert (c.train.batch_size, c.prompts.group_size, c.train.epochs) == (1152, 24, 360)
-    assert (c.optimizer.lr, c.optimizer.grad_clip, c.train.ema_decay) == (3e-4, 5.0, 0.9)
+    assert (c.optimizer.lr, c.train.ema_decay) == (3e-4, 0.9)
     assert (p.eval_sampler.kind, p.eval_sampler.steps, c.eval.weights) == ("euler", 40, "ema")
     text = (REPO / "pipelines" / f"{name}.yaml").read_text()
     assert "--num-processes" in text.split("\nname:")[0], "the header must give the launch command"
@@ -66,7 +66,10 @@ def test_recipe_validates_as_shipped(name: str):
         assert (p.sampler.kind, p.sampler.guidance, p.sampler.noise_level) == ("flow-sde", 4.5, 0.7)
         assert (p.estimator.kind, p.objective.kind, p.objective.clip_range, p.objective.kl.beta) == ("trajectory", "grpo", 1e-4, 0.04)
         assert c.train.steps_per_epoch == 2
+        # FlowGRPO's own: its step KL form, global-std advantages, max_grad_norm 1.0
+        assert (p.objective.kl.kind, p.advantage.std, c.optimizer.grad_clip) == ("flowgrpo-step", "global", 1.0)
     else:
+        assert c.optimizer.grad_clip == 5.0  # the paper's MAX_GRAD_NORM
         assert (p.sampler.kind, p.sampler.steps, p.sampler.guidance) == ("dpm2", 10, 1.0)
         assert (p.estimator.kind, p.estimator.weighting, p.estimator.timestep_fraction) == ("elbo", "adaptive", 0.99)
         assert (p.objective.kind, p.objective.kl.kind, p.objective.kl.beta) == ("pepg", "girsanov", 1e-4)

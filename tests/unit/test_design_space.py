@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from flowrl import study
 from flowrl.config import diff_configs, load_pipeline
@@ -88,16 +89,66 @@ def test_baselines_are_their_pipeline_files_unchanged(entries):
     assert entries[study.FLOWGRPO].pipeline.objective.clip_range == 1e-4
 
 
-def test_nft_and_awm_differ_from_the_paper_recipe_only_in_their_objective_and_advantage(entries):
-    """Equal footing: same LoRA, reward, batch, KL, optimizer and rollouts as toy-geneval.yaml."""
-    paper = entries[study.PAPER].pipeline.to_dict()
-    allowed = {"name", "output", "objective", "advantage"}
-    for name, extra in ((study.NFT, set()), (study.AWM, {"estimator.weighting"})):
-        keys = {c.key for c in diff_configs(paper, entries[name].pipeline.to_dict())}
-        assert {k for k in keys if k.split(".")[0] not in allowed} == extra, (name, keys)
-        assert any(k.startswith("objective.kind") for k in keys)
-    assert entries[study.NFT].pipeline.objective.kl.beta == entries[study.PAPER].pipeline.objective.kl.beta
-    assert entries[study.AWM].pipeline.estimator.weighting == "uniform"
+#: What each toy baseline must share with the released config its header names (the values of
+#: yifan123/flow_grpo ac4c86e config/grpo.py geneval_sd3, NVlabs/DiffusionNFT 24af555 config/nft.py
+#: sd3_geneval, scxue/advantage_weighted_matching be51372 config/dgx_awm.py geneval_sd3_no_cfg_1node).
+RELEASED = {
+    "toy-flowgrpo.yaml": ("ac4c86e8cae021841f1fde853d340e0db67690dd", {
+        "sampler.kind": "flow-sde", "sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "estimator.kind": "trajectory", "estimator.timestep_fraction": 0.99, "estimator.reduction": "mean",
+        "objective.kind": "grpo", "objective.clip_range": 1e-4, "objective.kl.kind": "flowgrpo-step",
+        "objective.kl.beta": 0.04, "advantage.std": "global", "advantage.clip": 5.0, "optimizer.lr": 3e-4,
+        "optimizer.grad_clip": 1.0, "optimizer.schedule": "constant", "train.steps_per_epoch": 2,
+        "train.rollout_policy": "policy", "train.ema_decay": 0.9, "model.lora.rank": 32, "model.lora.alpha": 64.0,
+        "eval.sampler.steps": 40, "eval.sampler.guidance": 4.5, "rewards.0.signal": "dense",
+    }),
+    "toy-nft.yaml": ("24af5554898d85e93efa492f42b5e9cdf4156e9b", {
+        "sampler.kind": "dpm2", "sampler.steps": 10, "sampler.guidance": 1.0, "estimator.kind": "elbo",
+        "estimator.timestep_fraction": 0.99, "objective.kind": "nft", "objective.guidance_strength": 1.0,
+        "objective.adv_clip": 5.0, "objective.kl.kind": "girsanov", "objective.kl.beta": 1e-4,
+        "advantage.std": "global", "optimizer.lr": 3e-4, "optimizer.grad_clip": 1.0, "train.steps_per_epoch": 1,
+        "train.rollout_policy": "old", "train.old.rate": 0.001, "train.old.max": 0.5, "train.ema_decay": 0.9,
+        "model.lora.rank": 32, "eval.sampler.steps": 40, "eval.sampler.guidance": 1.0, "rewards.0.signal": "dense",
+    }),
+    "toy-awm.yaml": ("be5137232e33a21b449ed65a533211d0deb97ed8", {
+        "sampler.steps": 14, "sampler.guidance": 1.0, "estimator.kind": "elbo", "objective.kind": "awm",
+        "objective.weighting": "ghuber", "objective.ghuber_power": 0.25, "objective.advantage_scale": 0.2,
+        "objective.old_beta": 1.0, "objective.kl.kind": "girsanov", "objective.kl.beta": 1e-3,
+        "advantage.std": "global", "advantage.clip": 5.0, "optimizer.lr": 3e-4, "optimizer.grad_clip": 1.0,
+        "train.steps_per_epoch": 1, "train.rollout_policy": "policy", "train.old.rate": 0.001, "train.old.max": 0.3,
+        "train.ema_decay": 0.99, "model.lora.rank": 32, "eval.sampler.steps": 40, "rewards.0.signal": "dense",
+    }),
+}
+
+
+def _get(data, dotted: str):
+    for part in dotted.split("."):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
+
+
+@pytest.mark.parametrize("file", sorted(RELEASED))
+def test_baselines_mirror_their_released_configs(file):
+    commit, values = RELEASED[file]
+    path = REPO / "pipelines" / file
+    assert commit in path.read_text(), "the header must name the commit it mirrors"
+    data = load_pipeline(path).to_dict()
+    wrong = {k: (_get(data, k), v) for k, v in values.items() if _get(data, k) != v}
+    assert not wrong, wrong
+    attention = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    assert data["model"]["lora"]["targets"] == attention
+
+
+def test_awm_trains_six_of_the_grid_times_awm_trains():
+    """AWM's times: the 14-step grid without index 0 and the last two (0.973 .. 0.357), 6 per image."""
+    from flowrl.estimators.elbo import num_terms, times_in_range
+    from flowrl.samplers import sd3_sigmas
+
+    p = load_pipeline(REPO / "pipelines" / "toy-awm.yaml")
+    grid = sd3_sigmas(p.sampler.steps)
+    kept = times_in_range(grid[:-1], p.estimator.t_range)
+    torch.testing.assert_close(kept, grid[1:12])
+    assert num_terms(len(kept), p.estimator.timestep_fraction) == 6
 
 
 def test_select_combos_keeps_study_order_and_names_the_nearest_on_a_typo():
@@ -130,8 +181,8 @@ def test_cost_model_hand_values(entries):
     assert cost.epoch_seconds(entries[study.PAPER].pipeline) == pytest.approx(PAPER_EPOCH_S)
     # CFG doubles both the rollout and the training passes
     assert cost.epoch_seconds(entries["pepg-elbo-flow-sde-cfg"].pipeline) == pytest.approx(8.6 + 0.3 + 10.6 * 4 / 3)
-    # NFT at the paper recipe's footing: the same rollout, reward and 3 re-noised terms
-    assert cost.epoch_seconds(entries[study.NFT].pipeline) == pytest.approx(PAPER_EPOCH_S)
+    # DiffusionNFT's recipe: the same rollout and reward, 9 re-noised terms with a KL reference pass
+    assert cost.epoch_seconds(entries[study.NFT].pipeline) == pytest.approx(4.3 + 0.3 + 3 * 5.3 * 4 / 3)
     # 64 fp32 images, 9 terms, a KL reference pass
     small = load_pipeline(REPO / "pipelines" / "toy-nft.yaml", [
         "train.batch_size=64", "train.micro_batch=64", "estimator.timestep_fraction=0.99", "train.rollout_precision=float32"])
@@ -194,7 +245,7 @@ def test_default_full_and_quick_plans_fit_their_budgets():
 
 def test_probe_batch_is_the_runs_own_or_whole_groups_per_step_never_above_the_batch(entries):
     assert study.probe_batch(entries[study.PAPER].pipeline) == 256  # by default each run's own batch
-    assert study.probe_batch(entries[study.FLOWGRPO].pipeline) == 64
+    assert study.probe_batch(entries[study.FLOWGRPO].pipeline) == 256  # its own batch too
     assert study.probe_batch(entries[study.PAPER].pipeline, target=64) == 64  # 8 groups of 8
     assert study.probe_batch(entries[study.PAPER].pipeline, target=60) == 64  # rounded up to whole groups
     assert study.probe_batch(entries[study.PAPER].pipeline, target=1000) == 256  # capped at the batch
@@ -232,7 +283,7 @@ def test_calibrated_seconds_use_the_probes_and_scale_the_rest_by_the_machine_spe
     names = (study.PAPER, study.FLOWGRPO, study.AWM)
     pipes = {n: entries[n].pipeline for n in names}
     cal = study.Calibration(
-        {study.PAPER: study.Probe(64, 6.0, 30.0), study.FLOWGRPO: study.Probe(64, 1.5 * cost.epoch_seconds(pipes[study.FLOWGRPO]), 22.0)},
+        {study.PAPER: study.Probe(64, 6.0, 30.0), study.FLOWGRPO: study.Probe(pipes[study.FLOWGRPO].config.train.batch_size, 1.5 * cost.epoch_seconds(pipes[study.FLOWGRPO]), 22.0)},
         {EvalSettings().tag(): 40.0},
     )
     per_epoch, eval_s, overhead = study.calibrated_seconds(cal, pipes, EvalSettings(), 316)

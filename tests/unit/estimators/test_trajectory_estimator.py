@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from flowrl import registry
 from flowrl.errors import FlowrlError
 from flowrl.estimators.trajectory import TrajectoryConfig, TrajectoryEstimator, sampler_problems
 from flowrl.objectives.kl import KLConfig
@@ -46,7 +47,9 @@ def test_refuses_unbound_sampler_and_elbo_kl(fake_model, rollout_factory):
         next(_estimator("flow-sde")(rollout, fake_model, KLConfig(kind="elbo-k3"), torch.Generator()))
 
 
-@pytest.mark.parametrize("name, reduction", [("flow-sde", "mean"), ("dance-sde", "sum"), ("cps", "mean")])
+@pytest.mark.parametrize(
+    "name, reduction", [("flow-sde", "mean"), ("dance-sde", "sum"), ("cps", "mean"), ("cps", "flowcps")]
+)
 def test_l_old_matches_recorded_sampling_log_probs(fake_model, rollout_factory, name, reduction):
     rollout = _recorded(fake_model, rollout_factory, name, reduction=reduction)
     terms = list(_estimator(name, reduction=reduction)(rollout, fake_model, None, torch.Generator().manual_seed(0)))
@@ -80,7 +83,7 @@ def test_step_subset_by_fraction(fake_model, rollout_factory):
     assert set(a) <= set(rollout.sigmas[:-1].tolist())
 
 
-@pytest.mark.parametrize("kind", ["gaussian-step", "girsanov"])
+@pytest.mark.parametrize("kind", ["gaussian-step", "flowgrpo-step", "girsanov"])
 def test_kl_zero_at_init_then_positive(fake_model, rollout_factory, kind):
     rollout = _recorded(fake_model, rollout_factory, "flow-sde")
     kl = KLConfig(kind=kind, beta=1.0)
@@ -128,3 +131,41 @@ def test_default_sampler_config_is_looked_up():
 def test_config_refuses_bad_values(bad):
     with pytest.raises(ValidationError):
         TrajectoryConfig.model_validate({"kind": "trajectory", **bad})
+
+
+def test_flowgrpo_step_kl_matches_flowgrpos_formula(fake_model, rollout_factory):
+    # FlowGRPO: ((mean_theta - mean_ref)^2).mean(dims) / (2 std_dev_t^2), std_dev_t = a sqrt(t / (1 - t_c))
+    # without the sqrt(-dt) of the step's std: c^2 (v_theta - v_ref)^2 / (2 var_t).
+    rollout = _recorded(fake_model, rollout_factory, "flow-sde", steps=4)
+    fake_model.perturb_policy(0.2)
+    kl = KLConfig(kind="flowgrpo-step", beta=1.0)
+    for tr in _estimator("flow-sde", 1.0)(rollout, fake_model, kl, torch.Generator().manual_seed(0)):
+        s = rollout.sigmas.tolist()
+        k = s.index(tr.t[0].item())
+        t, tn, a = s[k], s[k + 1], 0.7
+        var_t = a**2 * t / (1 - min(t, s[1]))
+        c = (1 + var_t * (1 - t) / (2 * t)) * (tn - t)
+        x = rollout.trajectory.latents[:, k]
+        with torch.no_grad():
+            dv = fake_model.velocity(x, tr.t, None, "policy") - fake_model.velocity(x, tr.t, None, "ref")
+        expected = (c**2 * dv**2 / (2 * var_t)).flatten(1).mean(1)
+        torch.testing.assert_close(tr.kl.detach(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_flowcps_log_prob_is_minus_mean_squared_error(fake_model, rollout_factory):
+    """FlowCPS: log_prob = -((x_next - mean)^2).mean(dims), no 1 / (2 std^2), no constants."""
+    from flowrl.samplers import gaussian_log_prob, step_distribution
+
+    rollout = _recorded(fake_model, rollout_factory, "cps", reduction="flowcps", steps=4)
+    traj = rollout.trajectory
+    s = traj.sigmas.tolist()
+    cfg = registry.lookup("sampler", "cps").Config()
+    for k in range(3):
+        x, x_next = traj.latents[:, k], traj.latents[:, k + 1]
+        with torch.no_grad():
+            v = fake_model.velocity(x, torch.full((x.shape[0],), s[k]), None, "policy")
+        mean, std = step_distribution("cps", cfg, x, v, s[k], s[k + 1], traj.sigmas)
+        want = -((x_next - mean) ** 2).flatten(1).mean(1)
+        torch.testing.assert_close(traj.log_probs[:, k], want, rtol=1e-5, atol=1e-7)
+        exact = gaussian_log_prob(x_next, mean, std, "mean")
+        assert not torch.allclose(exact, want)  # a different scale: ratios and clip differ

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from flowrl.estimators.flow_matching import adaptive_x0_loss, noised
 from flowrl.objectives import AWM, NFT, KLConfig, awm_loss, nft_loss, nft_weight
+from flowrl.objectives.awm import GHUBER_OFFSET, ghuber_log_likelihood
 from flowrl.objectives.nft import implicit_policies
 from flowrl.types import LikelihoodTerms
 
@@ -78,7 +79,7 @@ def test_stages_compose_weight_and_kl():
     x0, eps, t, v = _batch()
     adv = torch.tensor([1.0, -2.0, 0.0, 0.5])
     kl = torch.tensor([1.0, 1.0, 3.0, 3.0])
-    nft = NFT(NFT.Config(kind="nft", kl=KLConfig(beta=0.1)))
+    nft = NFT(NFT.Config(kind="nft", guidance_strength=0.1, kl=KLConfig(beta=0.1)))
     out = nft(_terms(v, v, x0, eps, t, kl), adv)
     assert out.loss.item() == pytest.approx(0.5 * (nft_loss(v, v, x0, eps, t, adv, 5.0, 0.1).mean().item() + 0.1 * 2.0), rel=1e-6)
     awm = AWM(AWM.Config(kind="awm", kl=KLConfig(beta=0.1)))
@@ -89,7 +90,43 @@ def test_stages_compose_weight_and_kl():
 
 def test_nft_config():
     c = NFT.Config(kind="nft")
-    assert (c.adv_clip, c.guidance_strength) == (5.0, 0.1)
+    assert (c.adv_clip, c.guidance_strength) == (5.0, 1.0)  # DiffusionNFT's base and GenEval configs
     for bad in ({"adv_clip": 0.0}, {"guidance_strength": -0.1}, {"beta": 1.0}):
         with pytest.raises(ValidationError):
             NFT.Config.model_validate({"kind": "nft", **bad})
+
+
+def test_awm_ghuber_log_likelihood_hand_values():
+    # v - u = 0.5 everywhere: mse = 0.25; t = 0.375, p = 0.25: l = -0.375 ((0.25 + d)^0.25 - d^0.25) / 0.25
+    x0, eps = torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1)
+    v = torch.full((1, 2, 1, 1), 1.5)
+    t = torch.tensor([0.375])
+    d = GHUBER_OFFSET
+    want = -0.375 * ((0.25 + d) ** 0.25 - d**0.25) / 0.25
+    got = ghuber_log_likelihood(v, x0, eps, t, 0.25)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(want, rel=1e-12)
+    # p = 1 is the t-weighted flow-matching error
+    assert ghuber_log_likelihood(v, x0, eps, t, 1.0).item() == pytest.approx(-0.375 * 0.25, rel=1e-9)
+
+
+def test_awm_released_recipe_loss_and_gradient():
+    """AWM's recipe: loss -A' l with A' = 0.2 A, plus old_beta mean((v - v_old)^2); its gradient per
+    sample is A' t mse^(p - 1) d(mse)/dv + 2 old_beta (v - v_old) / n."""
+    x0, eps, t, v = _batch()
+    v_old = v + 0.1
+    adv = torch.tensor([1.0, -2.0, 0.0, 5.0])
+    cfg = AWM.Config(kind="awm", weighting="ghuber", advantage_scale=0.2, old_beta=1.0, kl=KLConfig(beta=0.0))
+    v_theta = v.clone().requires_grad_(True)
+    kl = torch.zeros(4)
+    out = AWM(cfg)(_terms(v_theta, v_old, x0, eps, t, kl), adv)
+    u = eps - x0
+    n = v[0].numel()
+    mse = ((v - u) ** 2).flatten(1).mean(1).double()
+    ll = -t.double() * ((mse + GHUBER_OFFSET) ** 0.25 - GHUBER_OFFSET**0.25) / 0.25
+    pull = ((v - v_old) ** 2).flatten(1).mean(1)
+    want = 0.5 * ((-0.2 * adv.double() * ll).float() + pull).mean()
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+    (g,) = torch.autograd.grad(out.loss, v_theta)
+    a = (0.2 * adv * t).view(-1, 1, 1, 1) * mse.float().view(-1, 1, 1, 1) ** (0.25 - 1)
+    hand = 0.5 / 4 * (a * 2 * (v - u) / n + 2 * (v - v_old) / n)
+    torch.testing.assert_close(g, hand, rtol=1e-4, atol=1e-8)

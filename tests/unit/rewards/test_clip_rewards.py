@@ -370,6 +370,32 @@ def test_configs_are_strict_and_carry_the_pipeline_fields():
         assert cls.info.licence and cls.info.model and cls.info.extra == ""
 
 
+def test_pickscore_is_trained_on_score_over_26_as_flowgrpo():
+    """FlowGRPO's scorer (and the paper's code built on it) returns logit_scale * cos / 26. `scale: 1/26`
+    is that division to float32 rounding; the 0.0385 docs used to suggest is 0.1 % off."""
+    from flowrl.rewards.base import transform
+
+    raw = torch.tensor([20.51, 22.34, 22.85, 26.0])
+    cfg = PickScoreReward.Config(scale="1/26")
+    assert cfg.scale == 1 / 26
+    torch.testing.assert_close(transform(raw, cfg), raw / 26, rtol=1.2e-7, atol=0)
+    off = transform(raw, PickScoreReward.Config(scale=0.0385)) / (raw / 26)
+    assert bool((off - 1 > 9e-4).all())  # 0.1 % high
+    with pytest.raises(ValueError, match="divides by zero"):
+        PickScoreReward.Config(scale="1/0")
+    with pytest.raises(ValueError):
+        PickScoreReward.Config(scale="one/26")
+
+
+@pytest.mark.parametrize("name", ["sd35m-pickscore", "sd35m-multi-reward"])
+def test_recipes_train_on_pickscore_over_26(name):
+    from flowrl.config import load_pipeline
+
+    path = Path(__file__).resolve().parents[3] / "pipelines" / f"{name}.yaml"
+    rewards = [r for r in load_pipeline(path).rewards if r.kind == "pickscore"]
+    assert rewards and all(r.scale == 1 / 26 for r in rewards)
+
+
 # ---- offline errors ----------------------------------------------------------------------------
 
 
