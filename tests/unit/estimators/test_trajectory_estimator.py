@@ -95,13 +95,9 @@ def test_kl_zero_at_init_then_positive(fake_model, rollout_factory, kind):
     assert all(bool((tr.kl > 0).all()) and tr.kl.requires_grad for tr in terms)
 
 
-def test_gaussian_step_kl_matches_hand_formula(fake_model, rollout_factory):
-    # Flow-SDE's mean is linear in v with coefficient c = (1 + std_t^2 (1 - t) / (2t)) dt, so the
-    # KL is c^2 (v_theta - v_ref)^2 / (2 std^2), reduced by mean.
-    rollout = _recorded(fake_model, rollout_factory, "flow-sde", steps=4)
-    fake_model.perturb_policy(0.2)
-    kl = KLConfig(kind="gaussian-step", beta=1.0)
-    tr = next(_estimator("flow-sde", 1.0)(rollout, fake_model, kl, torch.Generator().manual_seed(0)))
+def _flow_sde_kl_parts(model, rollout, tr):
+    """(c^2 (v_theta - v_ref)^2 [B, ...], std_t^2, -dt) of a Flow-SDE term by hand: the step mean is
+    linear in v with coefficient c = (1 + std_t^2 (1 - t) / (2t)) dt."""
     s = rollout.sigmas.tolist()
     k = s.index(tr.t[0].item())
     t, tn, a = s[k], s[k + 1], 0.7
@@ -109,8 +105,18 @@ def test_gaussian_step_kl_matches_hand_formula(fake_model, rollout_factory):
     c = (1 + var_t * (1 - t) / (2 * t)) * (tn - t)
     x = rollout.trajectory.latents[:, k]
     with torch.no_grad():
-        dv = fake_model.velocity(x, tr.t, None, "policy") - fake_model.velocity(x, tr.t, None, "ref")
-    expected = (c**2 * dv**2 / (2 * var_t * (t - tn))).flatten(1).mean(1)
+        dv = model.velocity(x, tr.t, None, "policy") - model.velocity(x, tr.t, None, "ref")
+    return c**2 * dv**2, var_t, t - tn
+
+
+def test_gaussian_step_kl_matches_hand_formula(fake_model, rollout_factory):
+    # The KL is c^2 (v_theta - v_ref)^2 / (2 std^2), std^2 = std_t^2 (-dt), reduced by mean.
+    rollout = _recorded(fake_model, rollout_factory, "flow-sde", steps=4)
+    fake_model.perturb_policy(0.2)
+    kl = KLConfig(kind="gaussian-step", beta=1.0)
+    tr = next(_estimator("flow-sde", 1.0)(rollout, fake_model, kl, torch.Generator().manual_seed(0)))
+    sq, var_t, minus_dt = _flow_sde_kl_parts(fake_model, rollout, tr)
+    expected = (sq / (2 * var_t * minus_dt)).flatten(1).mean(1)
     torch.testing.assert_close(tr.kl.detach(), expected, rtol=1e-4, atol=1e-7)
 
 
@@ -140,16 +146,8 @@ def test_flowgrpo_step_kl_matches_flowgrpos_formula(fake_model, rollout_factory)
     fake_model.perturb_policy(0.2)
     kl = KLConfig(kind="flowgrpo-step", beta=1.0)
     for tr in _estimator("flow-sde", 1.0)(rollout, fake_model, kl, torch.Generator().manual_seed(0)):
-        s = rollout.sigmas.tolist()
-        k = s.index(tr.t[0].item())
-        t, tn, a = s[k], s[k + 1], 0.7
-        var_t = a**2 * t / (1 - min(t, s[1]))
-        c = (1 + var_t * (1 - t) / (2 * t)) * (tn - t)
-        x = rollout.trajectory.latents[:, k]
-        with torch.no_grad():
-            dv = fake_model.velocity(x, tr.t, None, "policy") - fake_model.velocity(x, tr.t, None, "ref")
-        expected = (c**2 * dv**2 / (2 * var_t)).flatten(1).mean(1)
-        torch.testing.assert_close(tr.kl.detach(), expected, rtol=1e-4, atol=1e-7)
+        sq, var_t, _ = _flow_sde_kl_parts(fake_model, rollout, tr)
+        torch.testing.assert_close(tr.kl.detach(), (sq / (2 * var_t)).flatten(1).mean(1), rtol=1e-4, atol=1e-7)
 
 
 def test_flowcps_log_prob_is_minus_mean_squared_error(fake_model, rollout_factory):
