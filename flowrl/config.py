@@ -121,12 +121,14 @@ class TrainConfig(Strict):
     rollout_policy: Literal["old", "policy"] = Field("old", description="Weights that sample rollouts.")
     reward_aggregation: Literal["sum-then-normalize", "normalize-then-sum"] = "sum-then-normalize"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default).")
-    rollout_precision: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="Autocast dtype of the no-grad rollout passes (sampling and decoding). bfloat16 is "
-        "about 1.5x faster on GPUs and on CPUs with AMX; estimators recompute every likelihood from the "
-        "stored latents in the training dtype, so the ratio stays exactly 1 at the start. Evaluation "
-        "always samples in the model dtype.",
+    rollout_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Autocast dtype of the no-grad rollout passes (sampling and decoding). auto: bfloat16 "
+        "where the device multiplies it natively (CUDA with bf16, CPUs with AMX or AVX512-BF16, confirmed by "
+        "a 0.1 s probe), float32 elsewhere: on AVX2-only CPUs bf16 is 10-20x slower (flowrl/precision.py). "
+        "The choice is logged and written into the run's pipeline.yaml. Estimators recompute every "
+        "likelihood from the stored latents in the training dtype, so the ratio stays exactly 1 at the "
+        "start. Evaluation always samples in the model dtype.",
     )
     max_bad_steps: int = Field(
         3,

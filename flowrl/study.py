@@ -270,7 +270,7 @@ class CostModel:
         c = p.config
         batch, steps = c.train.batch_size, p.sampler.steps
         rollout = self.rollout_s * steps * (self.cfg_factor if p.sampler.guidance != 1.0 else 1.0)
-        if c.train.rollout_precision == "float32":
+        if resolved_precision(c.train.rollout_precision) == "float32":
             rollout *= self.fp32_rollout_factor
         t_range = getattr(p.estimator, "t_range", None)
         grid = steps if t_range is None else len(times_in_range(sd3_sigmas(steps, p.sampler.shift)[:-1], t_range))
@@ -284,6 +284,13 @@ class CostModel:
     def evaluation_seconds(self, n_images: int, steps: int) -> float:
         """Estimated seconds of one evaluation of `n_images` images with a `steps`-step sampler."""
         return self.eval_load_s + n_images * steps * self.eval_s
+
+
+def resolved_precision(requested: str) -> str:
+    """What `train.rollout_precision` runs as on this machine's CPU ("auto" resolved by its rule)."""
+    from flowrl.precision import resolve
+
+    return resolve(requested, "cpu").precision
 
 
 #: Images per probe epoch: None probes at each run's own batch. The first quick study with 64-image

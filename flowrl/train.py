@@ -272,7 +272,7 @@ def _is_complete(folder: Path) -> bool:
 #: Settings a resume may change freely: they do not change what the run learns (train.epochs only
 #: lengthens or shortens the schedule; with a cosine schedule the remaining epochs follow the new one).
 RESUME_FREE = (
-    "name", "output", "train.epochs", "train.threads", "train.max_bad_steps", "train.on_reward_error",
+    "name", "output", "train.epochs", "train.threads", "train.rollout_precision", "train.max_bad_steps", "train.on_reward_error",
     "model.gradient_checkpointing", "prompts.test", "eval", "logging", "checkpoint",
 )
 #: Settings no resume may change, not even with --allow-changes: the saved adapters have their
@@ -782,6 +782,7 @@ class Trainer:
         """
         self.world = init_world()
         self._check_sharding()
+        self._resolve_precision()
         start = self._check_folder()
         self.world.barrier()  # every rank has read the folder before rank 0 writes into it
         epochs = self.cfg.train.epochs
@@ -813,6 +814,22 @@ class Trainer:
         self.world.barrier()  # no rank leaves before rank 0 has written the last checkpoint
         self.world.close()
         return self.out
+
+    def _resolve_precision(self) -> None:
+        """Replace `train.rollout_precision: auto` by this machine's choice (flowrl/precision.py), so that
+        the run's pipeline.yaml records what ran; logs the choice and why."""
+        from flowrl.precision import resolve
+
+        t = self.cfg.train
+        decision = resolve(t.rollout_precision, self.world.device)
+        if self.world.size > 1:  # rank 0's probe decides for all, so every rank samples alike
+            decision = self.world.gather_objects(decision)[0]
+        if t.rollout_precision == "auto":
+            self.log(f"rollout precision: {decision.precision} ({decision.reason})")
+        if decision.precision != t.rollout_precision:
+            train = t.model_copy(update={"rollout_precision": decision.precision})
+            self.p = replace(self.p, config=self.cfg.model_copy(update={"train": train}))
+            self.cfg = self.p.config
 
     def _check_sharding(self) -> None:
         """Refuse a global batch the launched processes cannot share (see `shard_problems`).

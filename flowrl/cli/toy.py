@@ -31,8 +31,9 @@ def toy() -> None:
 @click.option("--device", default="cpu", show_default=True, help="Where the transformer trains: cpu, cuda, cuda:1, ...")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes rendering the scenes (same data for any number).")
 @click.option("--minutes", type=float, default=None, help="Train as many steps as fit in this many minutes (timed here; replaces --steps).")
+@click.option("--tag-weights", default=None, help="Odds of each task tag among the scenes, e.g. position=2,color_attr=2 (others 1).")
 @click.option("--force", is_flag=True, help="Replace OUT if it already holds a model.")
-def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, lr, init, device: str, workers: int, minutes, force: bool) -> None:
+def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, lr, init, device: str, workers: int, minutes, tag_weights, force: bool) -> None:
     """Build and train the tiny SD3 from scratch on rendered scenes (about 38 min on 2 cores),
     or continue training a model folder's transformer with --init.
 
@@ -52,6 +53,8 @@ def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, lr, init, de
         if value is not None and value <= 0:
             raise FlowrlError(f"--{name.replace('_', '-')} must be positive, got {value}")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if tag_weights:
+        cfg = dataclasses.replace(cfg, tag_weights=_parse_tag_weights(tag_weights))
     if init is not None and init.resolve() == out.resolve():
         raise FlowrlError(f"--init and --out are the same folder ({out}); write the continued model to another --out")
     _check_device(device)
@@ -71,6 +74,24 @@ def pretrain(out: Path, seed: int, steps, vae_steps, scenes, batch, lr, init, de
         if tmp.exists():
             shutil.rmtree(tmp)
     click.echo(f"model written to {out}")
+
+
+def _parse_tag_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """'position=2,color_attr=1.5' -> (('position', 2.0), ('color_attr', 1.5)).
+
+    Raises:
+        FlowrlError: an item that is not TAG=NUMBER.
+    """
+    pairs = []
+    for item in text.split(","):
+        tag, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((tag.strip(), float(value)))
+        except ValueError:
+            raise FlowrlError(f"--tag-weights: {item!r} is not TAG=NUMBER; write e.g. position=2,color_attr=2") from None
+    return tuple(pairs)
 
 
 def _check_device(device: str) -> None:

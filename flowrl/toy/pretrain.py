@@ -53,6 +53,9 @@ class PretrainConfig:
     #: Training times are logit-normal(0, 1) pushed through the sampling schedule's shift, so the
     #: high-noise steps that decide layout and counts get the share the sampler gives them.
     timestep_shift: float = 3.0
+    #: Relative odds of each task tag among the rendered scenes (a tag not named: 1). Empty: every
+    #: tag equally likely, the shipped recipe.
+    tag_weights: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,31 +78,55 @@ class SceneDataset:
 CHUNK = 2048
 
 
-def _render_chunk(args: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def tag_odds(tags: list[str], weights: tuple[tuple[str, float], ...]) -> np.ndarray | None:
+    """Probabilities of `tags` from (tag, weight) pairs (a tag not named: 1); None for no weights.
+
+    Raises:
+        FlowrlError: a weight names no tag of the world, is negative, or all are 0.
+    """
+    if not weights:
+        return None
+    given = dict(weights)
+    unknown = sorted(set(given) - set(tags))
+    if unknown:
+        raise FlowrlError(f"--tag-weights names {unknown}; the toy world's tags are {tags}")
+    w = np.array([float(given.get(t, 1.0)) for t in tags])
+    if (w < 0).any() or w.sum() <= 0:
+        raise FlowrlError(f"--tag-weights must be >= 0 with at least one > 0, got {given}")
+    return w / w.sum()
+
+
+def _render_chunk(args: tuple) -> tuple[np.ndarray, np.ndarray]:
     """The `count` scenes of chunk `chunk`: (images float32 [count, 3, H, W], prompt ids int64 [count])."""
-    seed, chunk, count, resolution = args
+    seed, chunk, count, resolution, weights = args
     rng = np.random.default_rng([seed, chunk])
     records = all_records()
     by_tag: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_tag.setdefault(r.tag, []).append(i)
     tags = sorted(by_tag)
+    odds = tag_odds(tags, weights)
     images = np.empty((count, 3, resolution, resolution), dtype=np.float32)
     ids = np.empty(count, dtype=np.int64)
     for i in range(count):
-        group = by_tag[tags[rng.integers(len(tags))]]
+        tag = tags[rng.integers(len(tags))] if odds is None else tags[rng.choice(len(tags), p=odds)]
+        group = by_tag[tag]
         ids[i] = group[rng.integers(len(group))]
         images[i] = render(sample_scene(records[ids[i]], rng, resolution)).image
     return images, ids
 
 
-def make_dataset(n: int, seed: int, resolution: int, workers: int = 1) -> SceneDataset:
-    """`n` scenes, tags drawn uniformly, then a prompt uniformly within the tag.
+def make_dataset(
+    n: int, seed: int, resolution: int, workers: int = 1, tag_weights: tuple[tuple[str, float], ...] = ()
+) -> SceneDataset:
+    """`n` scenes, tags drawn uniformly (or with `tag_weights`' odds), then a prompt uniformly
+    within the tag.
 
     Rendered in chunks of `CHUNK` scenes, each seeded by (seed, chunk index), on `workers`
     processes; the result does not depend on `workers`.
     """
-    jobs = [(seed, c, min(CHUNK, n - c * CHUNK), resolution) for c in range(math.ceil(n / CHUNK))]
+    tag_odds(sorted({r.tag for r in all_records()}), tag_weights)  # refuse bad weights before rendering
+    jobs = [(seed, c, min(CHUNK, n - c * CHUNK), resolution, tag_weights) for c in range(math.ceil(n / CHUNK))]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
             parts = list(pool.map(_render_chunk, jobs))
@@ -330,7 +357,7 @@ def pretrain(
     if init is not None:
         pipe, model_cfg, old_card = load_init(Path(init))
         history = [*old_card.get("history", []), {k: old_card[k] for k in ("pretrain", "seconds", "init") if k in old_card}]
-    data = make_dataset(cfg.n_scenes, cfg.seed, model_cfg.resolution, workers)
+    data = make_dataset(cfg.n_scenes, cfg.seed, model_cfg.resolution, workers, cfg.tag_weights)
     t_data = time.perf_counter() - started
 
     if init is None:

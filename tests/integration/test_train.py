@@ -99,6 +99,26 @@ def test_old_policy_decay_counts_optimizer_steps(tmp_path: Path):
     assert [round(r["train/old_decay"], 12) for r in rows] == [0.0, 0.001, 0.003]
 
 
+@pytest.mark.parametrize("choice", ["float32", "bfloat16"])
+def test_auto_rollout_precision_is_resolved_logged_and_recorded(tmp_path: Path, monkeypatch, choice):
+    """`auto` becomes the machine's choice (faked here both ways) in the log and in pipeline.yaml, and a
+    resume on a machine that chooses otherwise is allowed (a speed setting, like train.threads)."""
+    import yaml
+
+    from flowrl import precision
+
+    monkeypatch.setattr(precision, "decide", lambda facts: precision.Decision(choice, "faked for the test"))
+    run = tmp_path / "auto"
+    args = [str(REPO / "pipelines" / "toy-geneval.yaml"), *TINY, "train.rollout_precision=auto", "eval.every=0", "--out", str(run)]
+    res = train(*args, "train.epochs=1")
+    assert f"rollout precision: {choice} (faked for the test)" in res.output
+    assert yaml.safe_load((run / "pipeline.yaml").read_text())["train"]["rollout_precision"] == choice
+    other = "float32" if choice == "bfloat16" else "bfloat16"
+    monkeypatch.setattr(precision, "decide", lambda facts: precision.Decision(other, "another machine"))
+    train(*args, "train.epochs=2", "--resume")
+    assert [r["epoch"] for r in metrics(run)] == [0, 1]
+
+
 def test_refuses_to_overwrite_a_run(tmp_path: Path):
     run = tmp_path / "r"
     args = [str(REPO / "pipelines" / "toy-geneval.yaml"), *TINY, "train.epochs=1", "eval.every=0", "--out", str(run)]

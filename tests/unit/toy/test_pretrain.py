@@ -36,3 +36,22 @@ def test_dataset_does_not_depend_on_the_number_of_workers(monkeypatch):
     a, b = pt.make_dataset(10, seed=3, resolution=32, workers=1), pt.make_dataset(10, seed=3, resolution=32, workers=2)
     assert torch.equal(a.images, b.images) and torch.equal(a.prompt_ids, b.prompt_ids)
     assert not torch.equal(a.images[:4], a.images[4:8]), "chunks must be seeded apart"
+
+
+def test_tag_weights_set_the_odds_of_each_tag():
+    from collections import Counter
+
+    from flowrl.errors import FlowrlError
+    from flowrl.toy.prompts import all_records
+    from flowrl.toy.pretrain import tag_odds
+
+    tags = sorted({r.tag for r in all_records()})
+    odds = tag_odds(tags, (("position", 3.0), ("colors", 0.0)))
+    assert odds[tags.index("position")] == pytest.approx(3 / 7) and odds[tags.index("colors")] == 0.0
+    assert tag_odds(tags, ()) is None  # the shipped recipe: uniform
+    data = make_dataset(600, seed=1, resolution=32, tag_weights=(("position", 3.0), ("colors", 0.0)))
+    seen = Counter(all_records()[int(i)].tag for i in data.prompt_ids)
+    assert seen["colors"] == 0 and seen["position"] > 2 * max(seen[t] for t in tags if t != "position")
+    for bad in ((("positon", 1.0),), (("position", -1.0),), tuple((t, 0.0) for t in tags)):
+        with pytest.raises(FlowrlError):
+            tag_odds(tags, bad)
