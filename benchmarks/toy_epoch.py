@@ -174,19 +174,29 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--micro-batches", type=int, default=None, help="time only the first N micro-batches, scaled to the epoch")
     ap.add_argument("--out", type=Path, default=None, help="Markdown file to write this machine's section into")
+    ap.add_argument("--compile", default="off", help="off, on, or off,on: time each (torch.compile of the transformer)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline")
     args = ap.parse_args()
 
     trainer = build_trainer(args.pipeline, args.overrides)
-    configs = [(p, int(t)) for t in args.threads.split(",") for p in args.precisions.split(",")]
-    torch.set_num_threads(max(t for _, t in configs))
-    time_epoch(trainer, "float32", 1)  # warm-up: first calls build kernels and caches
+    configs = [(p, int(t), c) for c in args.compile.split(",") for t in args.threads.split(",") for p in args.precisions.split(",")]
+    torch.set_num_threads(max(t for _, t, _ in configs))
     results = {}
-    for precision, threads in configs:
+    warmed = set()
+    for precision, threads, comp in configs:
         torch.set_num_threads(threads)
-        results[(precision, threads)] = time_epoch(trainer, precision, args.micro_batches)
-        total = sum(results[(precision, threads)].values())
-        print(f"{precision}, {threads} thread(s): {total:.1f} s per epoch", file=sys.stderr, flush=True)
+        trainer.policy._compiled = None
+        if comp == "on":
+            trainer.policy.compile()
+        if (precision, comp) not in warmed:  # first calls build kernels (and compile): not timed
+            start = time.perf_counter()
+            time_epoch(trainer, precision, 1)
+            warmed.add((precision, comp))
+            print(f"warm-up {precision}, compile {comp}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        key = (precision, threads) if args.compile == "off" else (f"{precision}{', compiled' if comp == 'on' else ''}", threads)
+        results[key] = time_epoch(trainer, precision, args.micro_batches)
+        total = sum(results[key].values())
+        print(f"{key}: {total:.1f} s per epoch", file=sys.stderr, flush=True)
     c = trainer.cfg
     kind = machine_kind()
     header = (

@@ -121,6 +121,12 @@ class TrainConfig(Strict):
     rollout_policy: Literal["old", "policy"] = Field("old", description="Weights that sample rollouts.")
     reward_aggregation: Literal["sum-then-normalize", "normalize-then-sum"] = "sum-then-normalize"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default).")
+    compile: bool = Field(
+        False,
+        description="Run the transformer through torch.compile (LoRA only). On 2 CPU cores the toy's epoch "
+        "takes 0.72x the time after about a minute of compiling (benchmarks/toy_epoch.py), so it pays from "
+        "about 15 epochs on; each new batch shape or adapter compiles once more.",
+    )
     rollout_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Autocast dtype of the no-grad rollout passes (sampling and decoding). auto: bfloat16 "

@@ -272,7 +272,7 @@ def _is_complete(folder: Path) -> bool:
 #: Settings a resume may change freely: they do not change what the run learns (train.epochs only
 #: lengthens or shortens the schedule; with a cosine schedule the remaining epochs follow the new one).
 RESUME_FREE = (
-    "name", "output", "train.epochs", "train.threads", "train.rollout_precision", "train.max_bad_steps", "train.on_reward_error",
+    "name", "output", "train.epochs", "train.threads", "train.compile", "train.rollout_precision", "train.max_bad_steps", "train.on_reward_error",
     "model.gradient_checkpointing", "prompts.test", "eval", "logging", "checkpoint",
 )
 #: Settings no resume may change, not even with --allow-changes: the saved adapters have their
@@ -754,6 +754,8 @@ class Trainer:
         # A full fine-tune on several processes is sharded (FSDP2); LoRA is replicated on every rank.
         mesh = self.world.mesh() if c.model.finetune == "full" and self.world.size > 1 else None
         self.policy = FlowPolicy.from_config(c.model, self.device, seed=c.train.seed, reference=needs_reference(self.p), mesh=mesh)
+        if c.train.compile:
+            self.policy.compile()
         self.stages = build_stages(self.p)
         o = c.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)

@@ -103,6 +103,28 @@ def test_adapters_start_equal_to_the_base_and_blend(policy):
     assert not any(p.requires_grad for p in policy.adapter_params("old").values())
 
 
+def test_compiled_velocity_follows_every_adapter():
+    """train.compile: velocity runs through torch.compile's wrapper, which must see adapter switches
+    (policy / old / ref) and gradients as the eager module does. The eager backend checks dynamo's
+    tracing and guards in seconds; benchmarks/toy_epoch.py --compile times the inductor one."""
+    pol = FlowPolicy.from_config(ModelConfig(path=str(TOY_MODEL), lora=LoraConfig(rank=4, alpha=8)), seed=1)
+    cond = pol.encode(PROMPTS)
+    x, t = torch.randn(2, *pol.latent_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        for p in pol.adapter_params("policy").values():
+            p.add_(0.05)
+        eager = {w: pol.velocity(x, t, cond, w) for w in ("policy", "old", "ref")}
+    pol.compile(backend="eager")
+    with torch.no_grad():
+        for w in ("policy", "old", "ref", "policy"):
+            torch.testing.assert_close(pol.velocity(x, t, cond, w), eager[w], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(eager["policy"], eager["old"])
+    pol.velocity(x, t, cond, "policy").square().mean().backward()
+    assert all(p.grad is not None for p in pol.trainable_parameters())
+    assert set(pol.adapter_params("policy")) == {k for k in pol.adapter_state("policy")}  # names unchanged
+    assert not any("_orig_mod" in k for k in pol.adapter_params("policy"))
+
+
 def test_only_policy_adapter_gets_gradients(policy):
     cond = policy.encode(PROMPTS)
     x, t = torch.randn(2, *policy.latent_shape), torch.tensor([0.5, 0.5])
