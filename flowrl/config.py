@@ -121,11 +121,11 @@ class TrainConfig(Strict):
     rollout_policy: Literal["old", "policy"] = Field("old", description="Weights that sample rollouts.")
     reward_aggregation: Literal["sum-then-normalize", "normalize-then-sum"] = "sum-then-normalize"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (None: torch's default).")
-    compile: bool = Field(
+    compile: bool | Literal["auto"] = Field(
         False,
-        description="Run the transformer through torch.compile (LoRA only). On 2 CPU cores the toy's epoch "
-        "takes 0.72x the time after about a minute of compiling (benchmarks/toy_epoch.py), so it pays from "
-        "about 15 epochs on; each new batch shape or adapter compiles once more.",
+        description="Run the transformer through torch.compile (LoRA only). auto: on CPUs whose kernels run at "
+        "AVX2, with a C++ compiler, for runs of 20 epochs or more (flowrl/precision.py), where the toy's epoch "
+        "takes about 0.75x the time after compiling (benchmarks/toy_epoch.py); eager elsewhere.",
     )
     rollout_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",

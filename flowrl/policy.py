@@ -208,7 +208,7 @@ class FlowPolicy:
         grad mode it meets (about 30 s each on 2 CPU cores) and then runs its fused kernels.
         """
         if self.full is not None:
-            raise FlowrlError("train.compile applies to LoRA fine-tuning; set it to false with model.finetune: full")
+            raise FlowrlError("train.compile: true applies to LoRA fine-tuning; set it to false or auto with model.finetune: full")
         self._compiled = torch.compile(self.transformer, dynamic=False, backend=backend)
 
     @property

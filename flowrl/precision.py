@@ -1,4 +1,6 @@
-"""Which precision the no-grad passes run in, chosen from the machine (`rollout_precision: auto`).
+"""Speed settings chosen from the machine: the precision of the no-grad passes
+(`train.rollout_precision: auto`) and whether the transformer runs through torch.compile
+(`train.compile: auto`, see `decide_compile`).
 
 bfloat16 halves the bytes of every matmul and is about 1.5x faster where the hardware multiplies
 it natively: CUDA GPUs of compute capability 8.0 and up (A100, H100, L40S, RTX 30xx/40xx), and
@@ -18,12 +20,16 @@ The rule (`decide`), on what torch reports about the device (`DeviceFacts`):
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from flowrl.errors import FlowrlError
 
 Precision = Literal["float32", "bfloat16"]
 
@@ -130,3 +136,75 @@ def resolve(requested: str, device: torch.device | str) -> Decision:
     if requested != "auto":
         return Decision(requested, "as the pipeline says")  # type: ignore[arg-type]
     return decide(device_facts(device))
+
+
+#: `train.compile: auto` compiles runs of at least this many epochs. Compiling the toy transformer
+#: cost about 40 s of `make demo`'s first epoch and first evaluation on 2 AVX2 cores (empty kernel
+#: cache) and saves about 4 s of each 18 s epoch there (docs/toy-epoch.md): it pays from about 10
+#: epochs, and 20 leaves room for a slower machine.
+MIN_COMPILE_EPOCHS = 20
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    """Whether the transformer runs through torch.compile, and why, in one line for the run's log."""
+
+    enabled: bool
+    reason: str
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use, or None when there is none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - torch raises its own InvalidCxxCompiler, or the API moved
+        return next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
+
+
+def decide_compile(
+    requested: bool | str, kind: str, finetune: str, epochs: int, compiler: str | None, capability: str = ""
+) -> CompileDecision:
+    """`train.compile` as it will run.
+
+    Args:
+        requested: True, False or "auto".
+        kind: the device type ("cpu", "cuda").
+        finetune: "lora" or "full" (a full fine-tune is never compiled: its copies swap weights).
+        epochs: the run's train.epochs.
+        compiler: `cpp_compiler()`'s answer (CPU only).
+        capability: torch's CPU kernel level (``torch.backends.cpu.get_cpu_capability()``).
+
+    auto compiles LoRA runs of at least `MIN_COMPILE_EPOCHS` epochs on a CPU whose kernels run at
+    AVX2, with a C++ compiler: there the toy's epoch takes 0.76x the time (AMD EPYC, AVX2 imitated)
+    or 0.72x (Intel Xeon, AVX2 imitated). It leaves the rest eager: GPUs (unmeasured), and AVX512
+    CPUs, which run bf16 rollouts already and where inductor's kernels corrupted the heap in 3 of 4
+    runs of benchmarks/toy_epoch.py on an AMD EPYC ("malloc(): unaligned tcache chunk detected"; docs/toy-epoch.md).
+    True insists, and refuses what cannot work.
+
+    Raises:
+        FlowrlError: True with a full fine-tune, or on a CPU without a C++ compiler.
+    """
+    if requested is False:
+        return CompileDecision(False, "as the pipeline says")
+    if requested is True:
+        if finetune == "full":
+            raise FlowrlError("train.compile: true applies to LoRA fine-tuning; set it to false or auto with model.finetune: full")
+        if kind == "cpu" and compiler is None:
+            raise FlowrlError(
+                "train.compile: true needs a C++ compiler for torch.compile's CPU kernels and none was found "
+                "(g++ or clang++ on PATH, or CXX): install one (apt install g++), or set train.compile: auto or false"
+            )
+        return CompileDecision(True, "as the pipeline says")
+    if finetune == "full":
+        return CompileDecision(False, "a full fine-tune runs eager")
+    if kind != "cpu":
+        return CompileDecision(False, f"eager on {kind} (compiling is measured on CPUs only)")
+    if capability != "AVX2":
+        return CompileDecision(False, f"CPU kernels at {capability or 'an unknown level'}: compiling is measured and kept on AVX2 CPUs only")
+    if compiler is None:
+        return CompileDecision(False, "no C++ compiler for torch.compile's CPU kernels (install g++ to compile)")
+    if epochs < MIN_COMPILE_EPOCHS:
+        return CompileDecision(False, f"{epochs} epochs: compiling pays from about {MIN_COMPILE_EPOCHS} on")
+    return CompileDecision(True, f"AVX2 CPU with {compiler}, {epochs} epochs: about 0.75x the time per epoch after compiling")

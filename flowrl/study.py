@@ -525,11 +525,12 @@ def run_overrides(seed: int, epochs: int, evals: Sequence[int]) -> tuple[str, ..
     The trainer's periodic evaluation is off (eval.every=0); as it still evaluates at the last
     epoch, that evaluation shrinks to one image (eval.limit=1, eval.images_per_prompt=1): the
     study's numbers come from evaluating the checkpoints afterwards, the base model once for all.
-    Checkpoints land on the evaluated epochs and all of them are kept.
+    Checkpoints land on the evaluated epochs and all of them are kept. Every run is eager
+    (train.compile=false), as its probe was timed, so that equal budgets buy equal compute.
     """
     every = evals[0] + 1
     return (
-        f"train.seed={seed}", f"train.epochs={epochs}", "eval.every=0", "eval.limit=1",
+        f"train.seed={seed}", f"train.epochs={epochs}", "train.compile=false", "eval.every=0", "eval.limit=1",
         "eval.images_per_prompt=1", f"checkpoint.every={every}", f"checkpoint.keep_last={len(evals) + 1}",
     )
 

@@ -754,7 +754,7 @@ class Trainer:
         # A full fine-tune on several processes is sharded (FSDP2); LoRA is replicated on every rank.
         mesh = self.world.mesh() if c.model.finetune == "full" and self.world.size > 1 else None
         self.policy = FlowPolicy.from_config(c.model, self.device, seed=c.train.seed, reference=needs_reference(self.p), mesh=mesh)
-        if c.train.compile:
+        if c.train.compile is True:  # "auto" was resolved in _resolve_machine_choices
             self.policy.compile()
         self.stages = build_stages(self.p)
         o = c.optimizer
@@ -784,7 +784,7 @@ class Trainer:
         """
         self.world = init_world()
         self._check_sharding()
-        self._resolve_precision()
+        self._resolve_machine_choices()
         start = self._check_folder()
         self.world.barrier()  # every rank has read the folder before rank 0 writes into it
         epochs = self.cfg.train.epochs
@@ -817,10 +817,14 @@ class Trainer:
         self.world.close()
         return self.out
 
-    def _resolve_precision(self) -> None:
-        """Replace `train.rollout_precision: auto` by this machine's choice (flowrl/precision.py), so that
-        the run's pipeline.yaml records what ran; logs the choice and why."""
-        from flowrl.precision import resolve
+    def _resolve_machine_choices(self) -> None:
+        """Replace `train.rollout_precision: auto` and `train.compile: auto` by this machine's choices
+        (flowrl/precision.py), so that the run's pipeline.yaml records what ran; logs each and why.
+
+        Raises:
+            FlowrlError: `train.compile: true` where it cannot run (see `decide_compile`).
+        """
+        from flowrl.precision import cpp_compiler, decide_compile, resolve
 
         t = self.cfg.train
         decision = resolve(t.rollout_precision, self.world.device)
@@ -828,8 +832,17 @@ class Trainer:
             decision = self.world.gather_objects(decision)[0]
         if t.rollout_precision == "auto":
             self.log(f"rollout precision: {decision.precision} ({decision.reason})")
-        if decision.precision != t.rollout_precision:
-            train = t.model_copy(update={"rollout_precision": decision.precision})
+        kind = self.world.device.type
+        cpu = kind == "cpu"
+        compiled = decide_compile(
+            t.compile, kind, self.cfg.model.finetune, t.epochs, cpp_compiler() if cpu else None,
+            torch.backends.cpu.get_cpu_capability() if cpu else "",
+        )
+        if t.compile == "auto":
+            self.log(f"torch.compile: {'on' if compiled.enabled else 'off'} ({compiled.reason})")
+        update = {"rollout_precision": decision.precision, "compile": compiled.enabled}
+        if any(getattr(t, k) != v for k, v in update.items()):
+            train = t.model_copy(update=update)
             self.p = replace(self.p, config=self.cfg.model_copy(update={"train": train}))
             self.cfg = self.p.config
 

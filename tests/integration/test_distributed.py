@@ -55,6 +55,7 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path: Path, monkeypatch, capfd):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -113,6 +114,7 @@ def fsdp_runs(tmp_path_factory) -> tuple[Path, Path]:
     return root / "one", root / "two"
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_train_what_one_process_trains(fsdp_runs):
     one, two = fsdp_runs
     base = load_file(BASE_WEIGHTS)
@@ -152,6 +154,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(fsdp_runs, tmp_path: Path, monke
     assert [r["epoch"] for r in rows(mixed)] == [0, 1]
 
 
+@pytest.mark.slow
 def test_fsdp_ranks_skip_a_step_together_when_one_rank_is_not_finite(tmp_path: Path):
     """Rank 1 alone gets a NaN loss in step 0. Under FSDP a rank that left the step alone would leave
     the other waiting in the backward pass's collectives: both must skip step 0, then train step 1.

@@ -75,6 +75,7 @@ def count_sampled(monkeypatch):
 # ------------------------------------------------------------------------------ the base model
 
 
+@pytest.mark.slow
 def test_base_model_reproduces_readme_score(tmp_path: Path):
     """The README's base score of the embedded model: 79 test prompts x 4 images, 20-step Euler, no
     CFG, seeds 0..315, shapes detector, GenEval strict. About 35 s on 2 shared cores."""

@@ -103,6 +103,7 @@ def test_adapters_start_equal_to_the_base_and_blend(policy):
     assert not any(p.requires_grad for p in policy.adapter_params("old").values())
 
 
+@pytest.mark.slow
 def test_compiled_velocity_follows_every_adapter():
     """train.compile: velocity runs through torch.compile's wrapper, which must see adapter switches
     (policy / old / ref) and gradients as the eager module does. The eager backend checks dynamo's

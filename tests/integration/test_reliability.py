@@ -161,6 +161,7 @@ def user_modules(monkeypatch):
 # ------------------------------------------------------------------------- kills and signals
 
 
+@pytest.mark.slow
 def test_three_random_kills_resume_to_the_uninterrupted_run(straight, tmp_path: Path):
     from flowrl.train import latest_checkpoint
 
@@ -233,6 +234,7 @@ def test_sigterm_finishes_the_epoch_checkpoints_and_says_how_to_resume(straight,
     assert_same_adapters(run / "checkpoints" / f"epoch-{EPOCHS - 1}", reference / "checkpoints" / f"epoch-{EPOCHS - 1}")
 
 
+@pytest.mark.slow
 def test_a_second_signal_aborts_at_once_leaving_the_last_checkpoint_intact(tmp_path: Path):
     run, log = tmp_path / "run", tmp_path / "train.log"
     proc = flowrl(["train", TOY, *FAST, "train.epochs=3", "--out", str(run)], log, FLOWRL_TEST_CHECKPOINT_PAUSE="30")

@@ -29,6 +29,7 @@ def test_version_and_help_list_only_working_commands():
     assert "pretrain" in res.output and "sample" in res.output
 
 
+@pytest.mark.slow
 def test_pretrain_miniature_is_reproducible_and_loadable(tmp_path: Path):
     from diffusers import StableDiffusion3Pipeline
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,7 @@ def test_each_toy_pipeline_trains(tmp_path: Path, name: str):
     assert "batch_size: 8" in resolved and "timestep_fraction: 0.5" in resolved
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_weights(tmp_path: Path, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     base = [str(REPO / "pipelines" / "toy-geneval.yaml"), *TINY, "rewards=[{kind: 'user_stages:Brightness'}]", "eval.every=0",
@@ -113,10 +115,29 @@ def test_auto_rollout_precision_is_resolved_logged_and_recorded(tmp_path: Path, 
     res = train(*args, "train.epochs=1")
     assert f"rollout precision: {choice} (faked for the test)" in res.output
     assert yaml.safe_load((run / "pipeline.yaml").read_text())["train"]["rollout_precision"] == choice
+    assert "torch.compile: off (" in res.output  # the pipeline's auto: 1 epoch, or no AVX2 CPU, runs eager
+    assert yaml.safe_load((run / "pipeline.yaml").read_text())["train"]["compile"] is False
     other = "float32" if choice == "bfloat16" else "bfloat16"
     monkeypatch.setattr(precision, "decide", lambda facts: precision.Decision(other, "another machine"))
     train(*args, "train.epochs=2", "--resume")
     assert [r["epoch"] for r in metrics(run)] == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_and_records_it(tmp_path: Path, monkeypatch):
+    """train.compile=true: the trainer compiles the policy once, before training, and the run
+    records it. dynamo's eager backend traces and guards as inductor does, in seconds."""
+    import yaml
+
+    from flowrl.policy import FlowPolicy
+
+    calls, compile_ = [], FlowPolicy.compile
+    monkeypatch.setattr(FlowPolicy, "compile", lambda self, backend="inductor": calls.append(backend) or compile_(self, "eager"))
+    run = tmp_path / "compiled"
+    train(str(REPO / "pipelines" / "toy-geneval.yaml"), *TINY, "train.compile=true", "train.epochs=1", "eval.every=0", "--out", str(run))
+    assert calls == ["inductor"]
+    assert yaml.safe_load((run / "pipeline.yaml").read_text())["train"]["compile"] is True
+    assert [r["epoch"] for r in metrics(run)] == [0] and all(math.isfinite(r["loss"]) for r in metrics(run))
 
 
 def test_refuses_to_overwrite_a_run(tmp_path: Path):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from flowrl.precision import MIN_SPEEDUP, DeviceFacts, decide, device_facts, probe_bf16_speedup, resolve
+from flowrl.errors import FlowrlError
+from flowrl.precision import (
+    MIN_COMPILE_EPOCHS, MIN_SPEEDUP, DeviceFacts, cpp_compiler, decide, decide_compile, device_facts, probe_bf16_speedup,
+    resolve,
+)
 
 
 def never(*_):
@@ -47,3 +51,42 @@ def test_facts_and_probe_on_this_machine():
     assert facts.kind == "cpu" and facts.capability
     assert probe_bf16_speedup(size=(64, 32, 64), repeats=1) > 0
     assert resolve("auto", "cpu").precision in ("float32", "bfloat16")
+
+
+# ------------------------------------------------------------------------- train.compile
+
+
+@pytest.mark.parametrize(
+    ("kind", "capability", "finetune", "epochs", "compiler", "enabled", "why"),
+    [
+        ("cpu", "AVX2", "lora", MIN_COMPILE_EPOCHS, "g++", True, "g++"),
+        ("cpu", "AVX2", "lora", MIN_COMPILE_EPOCHS - 1, "g++", False, "epochs"),
+        ("cpu", "AVX2", "lora", 80, None, False, "no C++ compiler"),
+        ("cpu", "AVX512", "lora", 80, "g++", False, "AVX2 CPUs only"),
+        ("cpu", "AVX2", "full", 80, "g++", False, "full fine-tune"),
+        ("cuda", "", "lora", 80, None, False, "eager on cuda"),
+    ],
+)
+def test_auto_compiles_long_lora_runs_on_an_avx2_cpu_with_a_compiler(kind, capability, finetune, epochs, compiler, enabled, why):
+    d = decide_compile("auto", kind, finetune, epochs, compiler, capability)
+    assert d.enabled is enabled and why in d.reason
+
+
+def test_explicit_compile_is_kept_or_refused_with_the_fix():
+    assert decide_compile(False, "cpu", "full", 80, None).enabled is False
+    assert decide_compile(True, "cpu", "lora", 1, "g++").enabled is True  # short runs too, when asked
+    assert decide_compile(True, "cuda", "lora", 1, None).enabled is True
+    with pytest.raises(FlowrlError, match="apt install g\\+\\+.*train.compile: auto or false"):
+        decide_compile(True, "cpu", "lora", 80, None)
+    with pytest.raises(FlowrlError, match="LoRA fine-tuning"):
+        decide_compile(True, "cpu", "full", 80, "g++")
+
+
+def test_the_compiler_of_this_machine_is_found_or_none(monkeypatch):
+    found = cpp_compiler()
+    assert found is None or isinstance(found, str)
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", lambda: (_ for _ in ()).throw(RuntimeError("moved")))
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    assert cpp_compiler() is None  # torch's search failed and nothing is on PATH
+
