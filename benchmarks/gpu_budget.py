@@ -203,7 +203,7 @@ def move_text_encoders(policy, device: torch.device) -> None:
 def measure_profile(policy, reward_model, profile: Profile, args, device: torch.device) -> Phases:
     """Run every phase of the recipe on `args.micro_batches` micro-batches with `profile`'s settings."""
     from flowrl import registry
-    from flowrl.objectives.kl import KLConfig
+    from flowrl.kl import KLConfig
     from flowrl.train import encode_batch, group_order
     from flowrl.types import PromptBatch, Rollout
 

@@ -258,16 +258,33 @@ def read_yaml(text: str, file: str) -> tuple[dict, dict[tuple, int]]:
     return data, lines
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'a.b.c=value' -> (['a','b','c'], value parsed as YAML)."""
+def split_override(text: str) -> tuple[list[str], Any] | None:
+    """'a.b.c=value' -> (['a', 'b', 'c'], value); None when `text` has no '=' or nothing before it.
+
+    The one reading of `key=value` overrides (`flowrl train` / `validate` arguments, and the reward
+    settings of `flowrl eval -o` and `flowrl score -o`). The value is read as YAML (``true``, ``3``,
+    ``0.5``, ``null``, ``[0, 1]``); what YAML cannot read, and an empty value, stay strings.
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise FlowrlError(f"override {text!r} is not of the form key.sub=value (e.g. train.epochs=20)")
+        return None
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return [p for p in key.strip().split(".")], value
+    return key.strip().split("."), value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value parsed as YAML); see `split_override`.
+
+    Raises:
+        FlowrlError: `text` is not of the form key.sub=value.
+    """
+    parts = split_override(text)
+    if parts is None:
+        raise FlowrlError(f"override {text!r} is not of the form key.sub=value (e.g. train.epochs=20)")
+    return parts
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

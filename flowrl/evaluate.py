@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from flowrl.errors import FlowrlError
+from flowrl.training.checkpoint import CHECKPOINTS, STATE_FILE, folder_epoch, latest_checkpoint, write_atomic
 
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -99,27 +99,8 @@ def _in_hub_cache(repo_id: str) -> bool:
     return snapshots.is_dir() and any(snapshots.iterdir())
 
 
-def _checkpoint_epoch(folder: Path) -> int:
-    from flowrl.train import STATE_FILE
-
-    state = folder / STATE_FILE
-    if state.is_file():
-        try:
-            return int(json.loads(state.read_text())["epoch"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    match = re.fullmatch(r"epoch-(\d+)", folder.name)
-    if match is None:
-        raise FlowrlError(
-            f"cannot tell the epoch of checkpoint {folder}: no readable trainer_state.json and the folder is "
-            "not named epoch-N; point TARGET at RUN/checkpoints/epoch-N as the trainer wrote it"
-        )
-    return int(match.group(1))
-
-
 def _is_checkpoint(folder: Path) -> bool:
     from flowrl.policy import ADAPTERS
-    from flowrl.train import STATE_FILE
 
     return (folder / STATE_FILE).is_file() or any((folder / f"{a}.safetensors").is_file() for a in ADAPTERS)
 
@@ -132,7 +113,6 @@ def resolve_target(spec: str) -> Target:
             kind, or is a run without a complete checkpoint.
     """
     from flowrl.policy import resolve_model_path
-    from flowrl.train import CHECKPOINTS, latest_checkpoint
 
     path = Path(spec).expanduser()
     if not path.exists():
@@ -177,7 +157,7 @@ def resolve_target(spec: str) -> Target:
                 f"checkpoint {spec} has no run configuration at {run / 'pipeline.yaml'} (two levels up, where the "
                 "trainer writes it); evaluate checkpoints inside their run folder"
             )
-        return Target("checkpoint", spec, str(path), run=run, checkpoint=path, epoch=_checkpoint_epoch(path))
+        return Target("checkpoint", spec, str(path), run=run, checkpoint=path, epoch=folder_epoch(path))
     if (path / "model_index.json").is_file():
         return Target("model", spec, str(path))
     raise FlowrlError(
@@ -239,12 +219,13 @@ def is_toy_model(location: str) -> bool:
 
 
 def _parse_reward_override(text: str, names: Sequence[str]) -> tuple[str, str, Any]:
-    """'geneval.backend=hf-mask2former' -> ('geneval', 'backend', 'hf-mask2former'); the value is YAML."""
-    import yaml
+    """'geneval.backend=hf-mask2former' -> ('geneval', 'backend', 'hf-mask2former'); the value is
+    read as `flowrl.config.split_override` reads it."""
+    from flowrl.config import split_override
 
-    target, eq, raw = text.partition("=")
-    name, dot, key = target.strip().rpartition(".")
-    if not eq or not dot or not name or not key:
+    parts = split_override(text)
+    name, key, value = (".".join(parts[0][:-1]), parts[0][-1], parts[1]) if parts else ("", "", None)
+    if not name or not key:
         raise FlowrlError(f"-o {text!r}: expected NAME.KEY=VALUE, e.g. -o geneval.backend=hf-mask2former")
     if name not in names:
         raise FlowrlError(f"-o {text!r} sets reward {name!r}, which is not among --reward {','.join(names)}")
@@ -253,10 +234,6 @@ def _parse_reward_override(text: str, names: Sequence[str]) -> tuple[str, str, A
             f"-o {text!r}: `{key}` is a setting of a reward inside a training mix; flowrl eval reports each "
             "reward's raw score, so it cannot be set here"
         )
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
     return name, key, value
 
 
@@ -651,12 +628,6 @@ def _remove_owned(out: Path) -> None:
             p.unlink()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @dataclass
 class FolderState:
     """What an output folder already holds.
@@ -714,13 +685,13 @@ def prepare_folder(plan: EvalPlan) -> FolderState:
     labels = set(plan.labels)
     done = {i: r for i, r in rows.items() if labels <= set(r.get("scores", {})) and (out / r.get("filename", "")).is_file()}
     # Rewrite without torn or incomplete lines, so the appends that follow stay one JSON object per line.
-    _write_atomic(out / RESULTS, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    write_atomic(out / RESULTS, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
     return FolderState(done, failures)
 
 
 def write_settings(plan: EvalPlan, failures: Mapping[str, int]) -> None:
     """settings.json: the plan's settings (with its identity) and the failures counted so far."""
-    _write_atomic(plan.out / SETTINGS, json.dumps({**plan.settings(), "failures": dict(failures)}, indent=2) + "\n")
+    write_atomic(plan.out / SETTINGS, json.dumps({**plan.settings(), "failures": dict(failures)}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -977,8 +948,8 @@ def run_eval(plan: EvalPlan, log: Callable[[str], None] = print, progress: Progr
     summary = summarize_rows(rows, records, plan.rewards)
     summary["failures"] = failures
     summary["settings"] = plan.settings()
-    _write_atomic(plan.out / RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(plan.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_atomic(plan.out / RESULTS, "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(plan.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     from flowrl.viz import save_grid
 
     shown = rows[:GRID_IMAGES]

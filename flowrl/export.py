@@ -571,7 +571,7 @@ def find_checkpoint(path: Path) -> Path:
     Raises:
         FlowrlError: the path does not exist or holds no checkpoint.
     """
-    from flowrl.train import CHECKPOINTS, latest_checkpoint
+    from flowrl.training.checkpoint import CHECKPOINTS, latest_checkpoint
 
     path = Path(path)
     if not path.exists():
@@ -840,7 +840,10 @@ def check_output(out: Path, force: bool, protected: Sequence[Path] = ()) -> None
 
 def publish(out: Path, write: Callable[[Path], None]) -> None:
     """Run `write(folder)` into a temporary sibling of `out`, then move it into place, so `out` is
-    either the complete result or untouched (on any error the temporary folder is removed)."""
+    either the complete result or untouched (on any error the temporary folder is removed). The
+    files and the folder are flushed to the disk before the rename, as a checkpoint's are."""
+    from flowrl.training.checkpoint import fsync_path
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -849,6 +852,9 @@ def publish(out: Path, write: Callable[[Path], None]) -> None:
     tmp.mkdir()
     try:
         write(tmp)
+        for f in tmp.rglob("*"):
+            fsync_path(f)
+        fsync_path(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"
             out.rename(old)
@@ -860,6 +866,7 @@ def publish(out: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             tmp.rename(out)
+        fsync_path(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

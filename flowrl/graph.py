@@ -34,7 +34,7 @@ def check_graph(p: ResolvedPipeline) -> list[tuple[str, str]]:
         problems.append(("objective.kind", need))
     kl = getattr(p.objective, "kl", None)
     if kl is not None and kl.beta > 0:
-        from flowrl.objectives.kl import supported_estimators
+        from flowrl.kl import supported_estimators
 
         ok = supported_estimators(kl.kind)
         if est not in ok:

@@ -22,7 +22,7 @@ _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "reward": ("flowrl.rewards",),
     "estimator": ("flowrl.estimators",),
     "objective": ("flowrl.objectives",),
-    "kl": ("flowrl.objectives",),
+    "kl": ("flowrl.kl",),
     "advantage": ("flowrl.advantages",),
 }
 

@@ -28,8 +28,6 @@ import contextlib
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import threading
 import time
@@ -52,17 +50,14 @@ from flowrl.policy import ADAPTERS, FlowPolicy
 from flowrl.prompts import PromptSet, check_tag_weights, load_prompt_set, pick_prompts, prompt_tags, resolve_prompt_path
 from flowrl.rewards.base import as_float_images, check_batch
 from flowrl.rewards.mix import RewardMix, check_part, combine, mix_advantages, mix_metrics
+from flowrl.training.checkpoint import (  # noqa: F401 - CHECKPOINTS, LATEST, STATE_FILE, latest_checkpoint: used by callers
+    CHECKPOINTS, LATEST, STATE_FILE, checkpoint_epoch, fsync_path, latest_checkpoint, remove_scratch, remove_tree, write_atomic,
+)
 from flowrl.types import Conditioning, PromptBatch, RewardOutput, Rollout
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-#: File in CHECKPOINTS naming the newest complete checkpoint folder, e.g. "epoch-12".
-LATEST = "latest"
 #: Test hook, not a setting: seconds to pause in the middle of writing a checkpoint, so that tests
 #: can kill the process while a checkpoint is half written.
 CHECKPOINT_PAUSE_ENV = "FLOWRL_TEST_CHECKPOINT_PAUSE"
-#: Prefixes of the scratch entries a checkpoint write leaves behind only when it is killed.
-_SCRATCH = (".tmp-", ".old-", ".trash-", f".{LATEST}.tmp")
 
 
 def derive_seed(*parts: int) -> int:
@@ -201,70 +196,13 @@ def rollout_autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=getattr(torch, precision))
 
 
-# ------------------------------------------------------------------------- files that survive a kill
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file (its bytes) or a folder (its entries) to the disk, where the OS allows it."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # folders cannot be opened on some platforms (Windows); nothing to flush there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` so that a reader (or a kill) sees the old or the new file, never a
-    torn one: write a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a folder without ever leaving a half-deleted folder under its name: rename it to a
-    scratch name first (atomic), then delete that."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_scratch(root: Path) -> None:
-    """Delete what killed checkpoint writes left in `root` (dot-named, never read by a resume)."""
-    for entry in root.iterdir():
-        if entry.name.startswith(_SCRATCH):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+# ---------------------------------------------- files that survive a kill: flowrl/training/checkpoint.py
 
 
 def _pause_for_tests() -> None:
     seconds = os.environ.get(CHECKPOINT_PAUSE_ENV)
     if seconds:
         time.sleep(float(seconds))
-
-
-def checkpoint_epoch(name: str) -> int | None:
-    """'epoch-12' -> 12; anything else -> None."""
-    match = re.fullmatch(r"epoch-(\d+)", name)
-    return int(match.group(1)) if match else None
-
-
-def _is_complete(folder: Path) -> bool:
-    # The trainer state is the last file written into the temporary folder before the rename.
-    return (folder / STATE_FILE).is_file()
 
 
 # ------------------------------------------------------------------------------- resume policy
@@ -1275,7 +1213,7 @@ class Trainer:
         tmp = root / f".tmp-epoch-{epoch}"
         if main:
             root.mkdir(parents=True, exist_ok=True)
-            _remove_scratch(root)
+            remove_scratch(root)
             tmp.mkdir()
         meta = {"epoch": str(epoch), "base_model": self.cfg.model.path, "rank": str(self.cfg.model.lora.rank), "alpha": str(self.cfg.model.lora.alpha)}
         if full:  # no LoRA rank or alpha: `flowrl export-lora` reads "finetune" to refuse these files
@@ -1309,7 +1247,7 @@ class Trainer:
         fsync_path(root)
         write_atomic(root / LATEST, final.name + "\n")
         self._prune(root, final)
-        _remove_scratch(root)
+        remove_scratch(root)
         return final
 
     def _prune(self, root: Path, keep: Path) -> None:
@@ -1317,7 +1255,7 @@ class Trainer:
         found = sorted((e, p) for p in root.iterdir() if p.is_dir() and (e := checkpoint_epoch(p.name)) is not None)
         for _, old in found[: -self.cfg.checkpoint.keep_last]:
             if old != keep:
-                _remove_tree(old)
+                remove_tree(old)
 
     def _load_checkpoint(self, path: Path) -> None:
         """Restore the weights, optimizer state and trainer state of a checkpoint folder. A full
@@ -1339,36 +1277,6 @@ class Trainer:
         # Absent before the decay counted optimizer steps: every step of epochs 0..N not skipped.
         steps_done = (int(state["epoch"]) + 1) * self.cfg.train.steps_per_epoch - self.skipped_total
         self.global_step = int(state.get("global_step", steps_done))
-
-
-def latest_checkpoint(run: Path) -> tuple[int, Path] | None:
-    """(epoch, folder) of the newest complete checkpoint of a run folder.
-
-    The `checkpoints/latest` pointer is trusted when it names a complete folder; otherwise (an
-    older run, a deleted folder, a hand-edited pointer) the folders themselves are scanned.
-    """
-    root = Path(run) / CHECKPOINTS
-    pointed = _pointed_checkpoint(root)
-    if pointed is not None:
-        return pointed
-    found = []
-    for p in root.glob("epoch-*"):
-        epoch = checkpoint_epoch(p.name)
-        if epoch is not None and _is_complete(p):
-            found.append((epoch, p))
-    return max(found) if found else None
-
-
-def _pointed_checkpoint(root: Path) -> tuple[int, Path] | None:
-    """(epoch, folder) named by `root/latest` if that folder is a complete checkpoint, else None."""
-    try:
-        name = (root / LATEST).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    epoch = checkpoint_epoch(name)
-    if epoch is None or not _is_complete(root / name):
-        return None
-    return epoch, root / name
 
 
 def truncate_metrics(path: Path, last_epoch: int) -> None:

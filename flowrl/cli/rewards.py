@@ -220,8 +220,8 @@ def settable_fields(config_cls: type) -> list[str]:
 def parse_override(text: str, classes: Mapping[str, type]) -> tuple[str, str, Any]:
     """'clipscore.model=/models/clip' -> ('clipscore', 'model', '/models/clip').
 
-    The value is read as a YAML scalar (``true``, ``3``, ``0.5``, ``null``, ``[0, 1]``); anything
-    YAML cannot read stays a string.
+    The value is read as `flowrl.config.split_override` reads it (YAML; what YAML cannot read stays
+    a string).
 
     Args:
         text: NAME.KEY=VALUE.
@@ -231,11 +231,11 @@ def parse_override(text: str, classes: Mapping[str, type]) -> tuple[str, str, An
         FlowrlError: malformed text, a reward not chosen, or a field the reward does not have (with
             its valid fields and the nearest one).
     """
-    import yaml
+    from flowrl.config import split_override
 
-    target, eq, raw = text.partition("=")
-    name, dot, key = target.strip().rpartition(".")
-    if not eq or not dot or not name or not key:
+    parts = split_override(text)
+    name, key, value = (".".join(parts[0][:-1]), parts[0][-1], parts[1]) if parts else ("", "", None)
+    if not name or not key:
         raise FlowrlError(f"-o {text!r}: expected NAME.KEY=VALUE, e.g. -o clipscore.model=/models/clip-vit-large-patch14")
     if name not in classes:
         raise FlowrlError(f"-o {text!r} sets reward {name!r}, which is not among --reward {','.join(classes)}")
@@ -249,10 +249,6 @@ def parse_override(text: str, classes: Mapping[str, type]) -> tuple[str, str, An
         near = difflib.get_close_matches(key, fields, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise FlowrlError(f"-o {text!r}: reward {name!r} has no field {key!r}{hint} Its fields: {', '.join(fields)}")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
     return name, key, value
 
 

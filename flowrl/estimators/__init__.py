@@ -8,7 +8,7 @@ Monte-Carlo term at a time so the trainer can backward each term and free its gr
 from __future__ import annotations
 
 from flowrl.estimators.elbo import ElboConfig, ElboEstimator, draw_timestep_indices, elbo_weighted, num_terms
-from flowrl.estimators.flow_matching import adaptive_x0_loss, flow_matching_error, noised, x0_prediction
+from flowrl.flow import adaptive_x0_loss, flow_matching_error, noised, x0_prediction
 from flowrl.estimators.trajectory import SDE_SAMPLERS, TrajectoryConfig, TrajectoryEstimator, sampler_problems
 
 __all__ = [

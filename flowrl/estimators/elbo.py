@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from flowrl.errors import FlowrlError
-from flowrl.estimators.flow_matching import adaptive_x0_loss, flow_matching_error, noised, x0_prediction
-from flowrl.objectives.kl import ELBO_KL, KLConfig, check_kl, girsanov
+from flowrl.flow import adaptive_x0_loss, flow_matching_error, noised, x0_prediction
+from flowrl.kl import ELBO_KL, KLConfig, check_kl, girsanov
 from flowrl.registry import register
 from flowrl.types import LikelihoodTerms, Rollout, VelocityModel, zeros_like_batch
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from flowrl.errors import FlowrlError
 from flowrl.estimators.elbo import num_terms
-from flowrl.objectives.kl import KLConfig, check_kl, flowgrpo_step, gaussian_step, girsanov
+from flowrl.kl import KLConfig, check_kl, flowgrpo_step, gaussian_step, girsanov
 from flowrl import registry
 from flowrl.registry import register
 from flowrl.samplers import gaussian_log_prob, step_distribution

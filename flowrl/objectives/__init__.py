@@ -1,4 +1,5 @@
-"""Objectives (loss functionals over likelihood terms) and KL-to-reference terms.
+"""Objectives (loss functionals over likelihood terms), and the KL-to-reference terms of
+flowrl/kl.py re-exported.
 
 Importing this package registers the stages: objectives epg, epg-noratio, pepg, par, grpo, nft,
 awm; KL kinds girsanov, gaussian-step, flowgrpo-step, elbo-k1, elbo-k2, elbo-k3.
@@ -6,7 +7,7 @@ awm; KL kinds girsanov, gaussian-step, flowgrpo-step, elbo-k1, elbo-k2, elbo-k3.
 
 from __future__ import annotations
 
-from flowrl.objectives.kl import (
+from flowrl.kl import (
     KL_ESTIMATORS,
     KLConfig,
     check_kl,

@@ -21,8 +21,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from flowrl.estimators.flow_matching import flow_matching_error
-from flowrl.objectives.kl import girsanov
+from flowrl.flow import flow_matching_error
+from flowrl.kl import girsanov
 from flowrl.objectives.nft import VELOCITY_FIELDS
 from flowrl.objectives.policy_gradient import Objective, ObjectiveConfig, finish
 from flowrl.registry import register

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from torch import Tensor
 
-from flowrl.estimators.flow_matching import adaptive_x0_loss, noised
+from flowrl.flow import adaptive_x0_loss, noised
 from flowrl.objectives.policy_gradient import Objective, ObjectiveConfig, finish
 from flowrl.registry import register
 from flowrl.types import LikelihoodTerms, LossOutput

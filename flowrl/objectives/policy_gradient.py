@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from flowrl.objectives.kl import KLConfig
+from flowrl.kl import KLConfig
 from flowrl.registry import register
 from flowrl.types import LikelihoodTerms, LossOutput
 

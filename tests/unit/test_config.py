@@ -146,3 +146,24 @@ def test_resolve_plain_data():
 
     p = resolve(yaml.safe_load(BASE))
     assert p.config.prompts.group_size == 4
+
+
+def test_one_reading_of_overrides_for_train_eval_and_score():
+    from flowrl.cli.rewards import parse_override as score_override
+    from flowrl.config import parse_override, split_override
+    from flowrl.errors import FlowrlError
+    from flowrl.evaluate import _parse_reward_override
+    from flowrl.rewards.clipscore import ClipScoreReward
+
+    assert split_override("train.epochs=20") == (["train", "epochs"], 20)
+    assert split_override("rewards.0.weight=[0, 1]") == (["rewards", "0", "weight"], [0, 1])
+    assert split_override("output=") == (["output"], "")
+    assert split_override("name=a: b: c") == (["name"], "a: b: c")  # not YAML: the string itself
+    assert split_override("epochs") is None and split_override("=3") is None
+    with pytest.raises(FlowrlError, match="key.sub=value"):
+        parse_override("epochs")
+    assert _parse_reward_override("geneval.backend=hf-mask2former", ["geneval"]) == ("geneval", "backend", "hf-mask2former")
+    assert score_override("clipscore.batch_size=8", {"clipscore": ClipScoreReward}) == ("clipscore", "batch_size", 8)
+    for bad in ("geneval", "backend=x", "geneval.=x"):
+        with pytest.raises(FlowrlError, match="NAME.KEY=VALUE"):
+            _parse_reward_override(bad, ["geneval"])

@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 from flowrl.errors import FlowrlError
 from flowrl.estimators.elbo import ElboConfig, ElboEstimator, draw_timestep_indices, elbo_weighted, num_terms
-from flowrl.estimators.flow_matching import adaptive_x0_loss, noised
-from flowrl.objectives.kl import KLConfig
+from flowrl.flow import adaptive_x0_loss, noised
+from flowrl.kl import KLConfig
 
 WEIGHTINGS = ("adaptive", "t", "uniform", "exact")
 

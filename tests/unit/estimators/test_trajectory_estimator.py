@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from flowrl import registry
 from flowrl.errors import FlowrlError
 from flowrl.estimators.trajectory import TrajectoryConfig, TrajectoryEstimator, sampler_problems
-from flowrl.objectives.kl import KLConfig
+from flowrl.kl import KLConfig
 from flowrl.samplers import sample, sd3_sigmas
 from flowrl.samplers.stages import Cps, DanceSde, Dpm2, FlowSde
 

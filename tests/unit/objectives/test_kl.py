@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from flowrl import registry
 from flowrl.errors import FlowrlError
-from flowrl.objectives.kl import (
+from flowrl.kl import (
     KLConfig,
     check_kl,
     elbo_k1,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from flowrl.estimators.flow_matching import adaptive_x0_loss, noised
+from flowrl.flow import adaptive_x0_loss, noised
 from flowrl.objectives import AWM, NFT, KLConfig, awm_loss, nft_loss, nft_weight
 from flowrl.objectives.awm import GHUBER_OFFSET, ghuber_log_likelihood
 from flowrl.objectives.nft import implicit_policies

@@ -1,7 +1,7 @@
-"""Flow-matching pure functions shared by the ELBO estimator and the velocity objectives (NFT, AWM).
+"""Rectified-flow algebra shared by the ELBO estimator and the velocity objectives (NFT, AWM).
 
-A leaf module (imports no other flowrl module) so objectives can use it without an import cycle
-through flowrl.estimators -> flowrl.objectives.kl.
+A leaf module (imports no other flowrl module), beside flowrl/kl.py, so that estimators and
+objectives both import it without importing each other.
 """
 
 from __future__ import annotations
