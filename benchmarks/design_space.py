@@ -4,7 +4,7 @@ Trains every combination of objective {epg, pepg, par, grpo} x estimator {elbo, 
 sampler {dpm2, flow-sde, flow-sde + CFG} (those the graph check accepts), plus DiffusionNFT, AWM and
 FlowGRPO's recipe, for each seed; evaluates the checkpoints and the base model with the same prompts
 and seeds; writes the report (docs/results.md) and two PNGs beside it. The pure parts live in
-flowrl/study.py.
+benchmarks/study.py.
 
 Usage::
 
@@ -40,8 +40,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(REPO / "benchmarks"))  # study.py, beside this file
 
-from flowrl import study  # noqa: E402
+import study  # noqa: E402
 from flowrl.errors import FlowrlError  # noqa: E402
 
 

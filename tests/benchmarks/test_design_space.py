@@ -1,4 +1,4 @@
-"""The design-space study (flowrl/study.py, benchmarks/design_space.py): the combination grid with the
+"""The design-space study (benchmarks/study.py, benchmarks/design_space.py): the combination grid with the
 real graph check, the budget, time-to-threshold with censoring, ratios, the report, and an end-to-end
 --tiny run that trains, evaluates, resumes and writes the report into a temporary folder."""
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from flowrl import study
+import study
 from flowrl.config import diff_configs, load_pipeline
 from flowrl.errors import FlowrlError
-from flowrl.study import (
+from study import (
     CostModel,
     EvalSettings,
     GridEntry,
