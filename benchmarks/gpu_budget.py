@@ -243,7 +243,7 @@ def measure_profile(policy, reward_model, profile: Profile, args, device: torch.
     with clock.phase("rollout"), torch.no_grad():
         for i in range(0, n, m):
             idx = torch.arange(i, min(i + m, n))
-            from flowrl.train import Pinned
+            from flowrl.training.rollout import Pinned
 
             x0, sigmas, _ = sampler(Pinned(policy, "old"), cond.index(idx), list(range(i, i + len(idx))), policy.latent_shape)
             xs.append(x0)
@@ -274,7 +274,7 @@ def measure_profile(policy, reward_model, profile: Profile, args, device: torch.
 
 def measure_encoding(policy, device: torch.device, prompts: int) -> float:
     """Seconds to encode `prompts` distinct prompts (an epoch's prompts, CLIP-L + CLIP-G + T5)."""
-    from flowrl.train import encode_batch
+    from flowrl.training.rollout import encode_batch
 
     move_text_encoders(policy, device)
     clock = Clock(device)

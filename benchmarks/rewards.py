@@ -333,16 +333,6 @@ def run_cases(args, tmp: Path) -> list[Result]:
 # ------------------------------------------------------------------------------------- report
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -357,6 +347,8 @@ def versions() -> str:
 
 def markdown(results: Sequence[Result], args, wall_s: float, load: float) -> str:
     """The results page: machine, settings, table, notes, how to rerun."""
+    from flowrl.precision import cpu_name
+
     lines = [
         "# Reward throughput (CPU)",
         "",

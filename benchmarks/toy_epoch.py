@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -64,19 +63,9 @@ def machine_kind() -> str:
     return f"CPU capability {cap}" + (f" ({', '.join(native)} in CPUID{extra})" if native else extra)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def time_epoch(trainer, precision: str, micro_batches: int | None) -> dict[str, float]:
     """Seconds of each phase of one epoch (epoch 0's prompts, seeds and noise)."""
-    from flowrl.train import derive_seed, encode_batch, rollout_autocast
+    from flowrl.training.rollout import derive_seed, encode_batch, rollout_autocast
     from flowrl.rewards.base import as_float_images
 
     c, policy, stages = trainer.cfg, trainer.policy, trainer.stages
@@ -201,6 +190,8 @@ def main() -> None:
         results[key] = min(runs, key=lambda r: sum(r.values()))
         totals = ", ".join(f"{sum(r.values()):.1f}" for r in runs)
         print(f"{key}: {totals} s per epoch", file=sys.stderr, flush=True)
+    from flowrl.precision import cpu_name
+
     c = trainer.cfg
     kind = machine_kind() + (", torch.compile" if args.compile != "off" else "")
     header = (

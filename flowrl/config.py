@@ -275,6 +275,23 @@ def split_override(text: str) -> tuple[list[str], Any] | None:
     return key.strip().split("."), value
 
 
+def split_reward_override(text: str, names: Sequence[str], example: str) -> tuple[str, str, Any]:
+    """'NAME.KEY=VALUE' of `flowrl eval -o` and `flowrl score -o` -> (name, key, value), read as
+    `split_override` reads it (NAME may hold dots: a user reward's dotted path).
+
+    Raises:
+        FlowrlError: not of that form (the message shows `example`), or NAME is not among `names`
+            (the rewards chosen with --reward).
+    """
+    parts = split_override(text)
+    name, key, value = (".".join(parts[0][:-1]), parts[0][-1], parts[1]) if parts else ("", "", None)
+    if not name or not key:
+        raise FlowrlError(f"-o {text!r}: expected NAME.KEY=VALUE, e.g. -o {example}")
+    if name not in names:
+        raise FlowrlError(f"-o {text!r} sets reward {name!r}, which is not among --reward {','.join(names)}")
+    return name, key, value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b.c=value' -> (['a','b','c'], value parsed as YAML); see `split_override`.
 

@@ -221,14 +221,9 @@ def is_toy_model(location: str) -> bool:
 def _parse_reward_override(text: str, names: Sequence[str]) -> tuple[str, str, Any]:
     """'geneval.backend=hf-mask2former' -> ('geneval', 'backend', 'hf-mask2former'); the value is
     read as `flowrl.config.split_override` reads it."""
-    from flowrl.config import split_override
+    from flowrl.config import split_reward_override
 
-    parts = split_override(text)
-    name, key, value = (".".join(parts[0][:-1]), parts[0][-1], parts[1]) if parts else ("", "", None)
-    if not name or not key:
-        raise FlowrlError(f"-o {text!r}: expected NAME.KEY=VALUE, e.g. -o geneval.backend=hf-mask2former")
-    if name not in names:
-        raise FlowrlError(f"-o {text!r} sets reward {name!r}, which is not among --reward {','.join(names)}")
+    name, key, value = split_reward_override(text, names, "geneval.backend=hf-mask2former")
     if key in MIX_FIELDS or key == "kind":
         raise FlowrlError(
             f"-o {text!r}: `{key}` is a setting of a reward inside a training mix; flowrl eval reports each "
@@ -897,7 +892,7 @@ def run_eval(plan: EvalPlan, log: Callable[[str], None] = print, progress: Progr
     from flowrl import registry
     from flowrl.progress import count_progress
     from flowrl.rewards.mix import RewardMix
-    from flowrl.train import encode_batch, roll_out
+    from flowrl.training.rollout import encode_batch, roll_out
     from flowrl.types import PromptBatch
 
     progress = progress or count_progress

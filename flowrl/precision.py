@@ -21,10 +21,12 @@ The rule (`decide`), on what torch reports about the device (`DeviceFacts`):
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -65,6 +67,17 @@ class Decision:
 
     precision: Precision
     reason: str
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), for logs and benchmark headers."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_facts(device: torch.device | str) -> DeviceFacts:
@@ -164,7 +177,7 @@ def cpp_compiler() -> str | None:
 
 
 def decide_compile(
-    requested: bool | str, kind: str, finetune: str, epochs: int, compiler: str | None, capability: str = ""
+    requested: bool | str, kind: str, finetune: str, epochs: int, find_compiler: Callable[[], str | None], capability: str = ""
 ) -> CompileDecision:
     """`train.compile` as it will run.
 
@@ -173,7 +186,8 @@ def decide_compile(
         kind: the device type ("cpu", "cuda").
         finetune: "lora" or "full" (a full fine-tune is never compiled: its copies swap weights).
         epochs: the run's train.epochs.
-        compiler: `cpp_compiler()`'s answer (CPU only).
+        find_compiler: `cpp_compiler`, called only when the answer matters (it imports torch's
+            inductor, which a run that stays eager does without).
         capability: torch's CPU kernel level (``torch.backends.cpu.get_cpu_capability()``).
 
     auto compiles LoRA runs of at least `MIN_COMPILE_EPOCHS` epochs on a CPU whose kernels run at
@@ -191,7 +205,7 @@ def decide_compile(
     if requested is True:
         if finetune == "full":
             raise FlowrlError("train.compile: true applies to LoRA fine-tuning; set it to false or auto with model.finetune: full")
-        if kind == "cpu" and compiler is None:
+        if kind == "cpu" and find_compiler() is None:
             raise FlowrlError(
                 "train.compile: true needs a C++ compiler for torch.compile's CPU kernels and none was found "
                 "(g++ or clang++ on PATH, or CXX): install one (apt install g++), or set train.compile: auto or false"
@@ -203,8 +217,9 @@ def decide_compile(
         return CompileDecision(False, f"eager on {kind} (compiling is measured on CPUs only)")
     if capability != "AVX2":
         return CompileDecision(False, f"CPU kernels at {capability or 'an unknown level'}: compiling is measured and kept on AVX2 CPUs only")
-    if compiler is None:
-        return CompileDecision(False, "no C++ compiler for torch.compile's CPU kernels (install g++ to compile)")
     if epochs < MIN_COMPILE_EPOCHS:
         return CompileDecision(False, f"{epochs} epochs: compiling pays from about {MIN_COMPILE_EPOCHS} on")
+    compiler = find_compiler()
+    if compiler is None:
+        return CompileDecision(False, "no C++ compiler for torch.compile's CPU kernels (install g++ to compile)")
     return CompileDecision(True, f"AVX2 CPU with {compiler}, {epochs} epochs: about 0.75x the time per epoch after compiling")

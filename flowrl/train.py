@@ -20,6 +20,10 @@ Reliability (docs/reliability.md): every file a resume reads is written atomical
 rename), so a run killed at any moment resumes to exactly what an uninterrupted run computes; the
 first SIGTERM/SIGINT finishes the epoch and checkpoints; non-finite steps are skipped and counted;
 reward failures follow `train.on_reward_error`, never a silent zero.
+
+The trainer's rooms move to flowrl/training/ (issue 19): checkpoint.py (atomic files, finding
+checkpoints), resume.py (what a resume may change), rollout.py (seeds, encoding, sampling),
+schedule.py (lr and old-policy decay), signals.py; this module re-exports their names.
 """
 
 from __future__ import annotations
@@ -28,15 +32,11 @@ import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
-import traceback
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,31 +49,23 @@ from flowrl.errors import FlowrlError, NumericalError, ResumeError, RewardError
 from flowrl.policy import ADAPTERS, FlowPolicy
 from flowrl.prompts import PromptSet, check_tag_weights, load_prompt_set, pick_prompts, prompt_tags, resolve_prompt_path
 from flowrl.rewards.base import as_float_images, check_batch
-from flowrl.rewards.mix import RewardMix, check_part, combine, mix_advantages, mix_metrics
+from flowrl.rewards.mix import RewardMix, combine, mix_advantages, mix_metrics
+from flowrl.rewards.scoring import describe_error, failed_of, score_reward, subset_output, whole_groups  # noqa: F401
 from flowrl.training.checkpoint import (  # noqa: F401 - CHECKPOINTS, LATEST, STATE_FILE, latest_checkpoint: used by callers
     CHECKPOINTS, LATEST, STATE_FILE, checkpoint_epoch, fsync_path, latest_checkpoint, remove_scratch, remove_tree, write_atomic,
 )
-from flowrl.types import Conditioning, PromptBatch, RewardOutput, Rollout
+from flowrl.training.resume import (  # noqa: F401 - re-exported for callers
+    IMPLICIT_SETTINGS, RESUME_FIXED, RESUME_FREE, check_checkpoint_finetune, check_resume_changes, plain, read_run_pipeline,
+    resume_category, truncate_metrics, with_implicit_settings,
+)
+from flowrl.training.rollout import Pinned, decode_in_chunks, derive_seed, encode_batch, roll_out, rollout_autocast  # noqa: F401
+from flowrl.training.schedule import learning_rate, old_policy_decay  # noqa: F401
+from flowrl.training.signals import StopSignals  # noqa: F401
+from flowrl.types import PromptBatch, RewardOutput, Rollout
 
 #: Test hook, not a setting: seconds to pause in the middle of writing a checkpoint, so that tests
 #: can kill the process while a checkpoint is half written.
 CHECKPOINT_PAUSE_ENV = "FLOWRL_TEST_CHECKPOINT_PAUSE"
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence mixing), stable across runs."""
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-class Pinned:
-    """A VelocityModel view of a policy whose "policy" weights are replaced by `which`
-    (e.g. sampling rollouts with the old policy, or evaluating the EMA)."""
-
-    def __init__(self, policy: FlowPolicy, which: str):
-        self.policy, self.which = policy, which
-
-    def velocity(self, x, t, cond, which="policy", guidance=1.0):
-        return self.policy.velocity(x, t, cond, self.which if which == "policy" else which, guidance)
 
 
 @dataclass(frozen=True)
@@ -110,37 +102,6 @@ def _uses_cfg(*sampler_cfgs) -> bool:
     return any(getattr(c, "guidance", 1.0) != 1.0 for c in sampler_cfgs)
 
 
-def encode_batch(policy: FlowPolicy, prompts: list[str], with_negative: bool) -> Conditioning:
-    """Encode each distinct prompt once, then expand to the batch."""
-    unique = list(dict.fromkeys(prompts))
-    cond = policy.encode(unique, with_negative=with_negative)
-    index = torch.tensor([unique.index(p) for p in prompts], device=cond.prompt_embeds.device)
-    return cond.index(index)
-
-
-def decode_in_chunks(policy: FlowPolicy, x0: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([policy.decode(x0[i : i + chunk]) for i in range(0, x0.shape[0], chunk)])
-
-
-def roll_out(policy, sampler, batch: PromptBatch, cond: Conditioning, seeds: list[int], which: str, chunk: int) -> Rollout:
-    """Sample and decode `batch` in chunks of `chunk` images (per-image seeds: chunking is invisible)."""
-    xs, trajs, sigmas = [], [], None
-    model = Pinned(policy, which)
-    for i in range(0, len(seeds), chunk):
-        idx = torch.arange(i, min(i + chunk, len(seeds)))
-        x0, sigmas, traj = sampler(model, cond.index(idx), seeds[i : i + chunk], policy.latent_shape)
-        xs.append(x0)
-        trajs.append(traj)
-    x0 = torch.cat(xs)
-    trajectory = None
-    if trajs[0] is not None:
-        from flowrl.types import Trajectory
-
-        trajectory = Trajectory(torch.cat([t.latents for t in trajs]), trajs[0].sigmas, torch.cat([t.log_probs for t in trajs]))
-    images = decode_in_chunks(policy, x0, chunk)
-    return Rollout(batch, cond, x0, images, sigmas, trajectory)
-
-
 def group_order(group_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random order of the images [B] that keeps each group's images together (groups shuffled,
     images within a group in place), so micro-batches and optimizer steps hold whole groups whenever
@@ -148,29 +109,6 @@ def group_order(group_ids: torch.Tensor, generator: torch.Generator) -> torch.Te
     groups = torch.unique(group_ids)
     perm = groups[torch.randperm(groups.numel(), generator=generator)]
     return torch.cat([torch.nonzero(group_ids == g).flatten() for g in perm])
-
-
-def learning_rate(epoch: int, epochs: int, lr: float, schedule: str, warmup: int, min_ratio: float) -> float:
-    """The learning rate of `epoch` (0-based) of `epochs`: linear warm-up over `warmup` epochs, then
-    constant or cosine decay to `min_ratio * lr` at the last epoch. A pure function of the epoch, so
-    resuming needs no scheduler state."""
-    if warmup and epoch < warmup:
-        return lr * (epoch + 1) / warmup
-    if schedule == "constant":
-        return lr
-    span = max(1, epochs - 1 - warmup)
-    progress = min(1.0, (epoch - warmup) / span)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def old_policy_decay(step: int, rate: float, cap: float, start: int = 0) -> float:
-    """d of the old policy's soft update old <- d old + (1 - d) theta after `step` optimizer steps
-    in all: 0 before `start`, then min(rate * (step - start), cap). The paper's and DiffusionNFT's
-    return_decay(global_step), called after each epoch's steps with the count that includes them:
-    one step per epoch gives 0.001 after the first epoch, two steps per epoch 0.002."""
-    if step < start:
-        return 0.0
-    return min(rate * (step - start), cap)
 
 
 def tag_metrics(mix, parts: dict, failures: dict[str, int], metadata) -> dict[str, float]:
@@ -189,13 +127,6 @@ def tag_metrics(mix, parts: dict, failures: dict[str, int], metadata) -> dict[st
     return out
 
 
-def rollout_autocast(device: torch.device, precision: str):
-    """Autocast context for rollouts: bf16 matmuls when asked, else a no-op."""
-    if precision == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, precision))
-
-
 # ---------------------------------------------- files that survive a kill: flowrl/training/checkpoint.py
 
 
@@ -205,301 +136,7 @@ def _pause_for_tests() -> None:
         time.sleep(float(seconds))
 
 
-# ------------------------------------------------------------------------------- resume policy
-
-#: Settings a resume may change freely: they do not change what the run learns (train.epochs only
-#: lengthens or shortens the schedule; with a cosine schedule the remaining epochs follow the new one).
-RESUME_FREE = (
-    "name", "output", "train.epochs", "train.threads", "train.compile", "train.rollout_precision", "train.max_bad_steps", "train.on_reward_error",
-    "model.gradient_checkpointing", "prompts.test", "eval", "logging", "checkpoint",
-)
-#: Settings no resume may change, not even with --allow-changes: the saved adapters have their
-#: shape, and a checkpoint holds either LoRA adapters or whole transformers (model.finetune).
-RESUME_FIXED = ("model.lora", "model.finetune")
-#: What a run folder's pipeline.yaml means where it lacks a setting added to flowrl later: the
-#: value every run of the versions before it had.
-IMPLICIT_SETTINGS = {("model", "finetune"): "lora", ("prompts", "tag_weights"): None, ("train", "old", "start"): 0}
-
-ResumeCategory = Literal["free", "guarded", "fixed"]
-
-
-def _under(key: str, prefixes: Iterable[str]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def resume_category(key: str, finetune: str = "lora") -> ResumeCategory:
-    """How a resume treats a change of the dotted `key`: "free" (always allowed), "fixed" (never),
-    or "guarded" (it changes what the run learns: only with --allow-changes).
-
-    Args:
-        key: the dotted key.
-        finetune: the run's model.finetune; a full fine-tune ignores model.lora, so changes of it
-            are free there.
-    """
-    if finetune == "full" and _under(key, ("model.lora",)):
-        return "free"
-    if _under(key, RESUME_FIXED):
-        return "fixed"
-    if _under(key, RESUME_FREE):
-        return "free"
-    return "guarded"
-
-
-def with_implicit_settings(saved: dict) -> dict:
-    """A run's saved pipeline (plain data) with the settings that older flowrl versions did not write
-    filled in at the values those versions used (`IMPLICIT_SETTINGS`), so that a run started before
-    a setting existed resumes without a spurious change."""
-    import copy
-
-    out = copy.deepcopy(saved)
-    for path, value in IMPLICIT_SETTINGS.items():
-        node = out
-        for part in path[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.setdefault(path[-1], value)
-    return out
-
-
-def check_resume_changes(changes: Sequence[Change], allow_changes: bool, run: Path, finetune: str = "lora") -> None:
-    """Refuse a resume whose pipeline differs from the run's in a way that is not allowed.
-
-    Args:
-        changes: the differences between the run's pipeline.yaml (old) and the new pipeline.
-        allow_changes: the user passed --allow-changes.
-        run: the run folder (for the message).
-        finetune: the run's model.finetune (see `resume_category`).
-
-    Raises:
-        ResumeError: a change of a fixed setting, or of a guarded one without `allow_changes`;
-            the message lists each as ``key: old -> new`` and says how to proceed.
-    """
-    fixed = [c for c in changes if resume_category(c.key, finetune) == "fixed"]
-    guarded = [c for c in changes if resume_category(c.key, finetune) == "guarded"]
-    saved = run / "pipeline.yaml"
-    if fixed:
-        why = []
-        if any(_under(c.key, ("model.lora",)) for c in fixed):
-            why.append("the saved adapters have the old shape")
-        if any(_under(c.key, ("model.finetune",)) for c in fixed):
-            why.append(
-                "the checkpoints hold what the old model.finetune trains (LoRA adapters, or whole transformers "
-                "for full), which the other kind of fine-tune cannot continue from"
-            )
-        reason = "; ".join(why)
-        raise ResumeError(
-            f"--resume: the pipeline changes what the run in {run} trains ({saved}):\n"
-            + "".join(f"  {c.format()}\n" for c in fixed)
-            + f"{reason[0].upper()}{reason[1:]}, so this cannot be resumed, not even with "
-            "--allow-changes. Undo the change, or start a new run in another folder (--out NEW_FOLDER)."
-        )
-    if guarded and not allow_changes:
-        raise ResumeError(
-            f"--resume: the pipeline differs from the one the run in {run} was trained with ({saved}), "
-            "in settings that change what it learns:\n"
-            + "".join(f"  {c.format()}\n" for c in guarded)
-            + "Continuing would mix two experiments in one run. To proceed, either undo these changes "
-            f"(the run's settings are in {saved}), start a new run in another folder (--out NEW_FOLDER), "
-            "or, if you mean to change the experiment midway (e.g. a curriculum), pass --allow-changes: the "
-            "run then continues with the new settings and keeps the old ones as pipeline.before-epoch-N.yaml. "
-            "Changes of train.epochs, eval, logging and checkpoint settings are always allowed."
-        )
-
-
-def check_checkpoint_finetune(checkpoint: Path, finetune: str) -> None:
-    """Refuse to load a checkpoint of the other kind of fine-tune (LoRA adapters vs whole transformers).
-
-    The pipeline check of a resume already refuses a change of model.finetune; this one reads the
-    checkpoint's own record, so it also holds when the run's pipeline.yaml is lost (--allow-changes).
-    Checkpoints of versions before full fine-tuning record nothing: they are LoRA.
-
-    Raises:
-        ResumeError: naming both kinds and the way forward.
-    """
-    try:
-        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("finetune", "lora")
-    except (OSError, ValueError, AttributeError):
-        return  # an unreadable state fails later with its own message
-    if saved != finetune:
-        raise ResumeError(
-            f"--resume: {checkpoint} was written by a model.finetune: {saved} run, but the pipeline says "
-            f"model.finetune: {finetune}; a {saved} checkpoint cannot continue as a {finetune} fine-tune. Set "
-            f"model.finetune: {saved} to continue the run, or start a new run in another folder (--out NEW_FOLDER)"
-        )
-
-
-def read_run_pipeline(run: Path) -> dict:
-    """The resolved pipeline a run folder was started with (OUT/pipeline.yaml), as plain data.
-
-    Raises:
-        ResumeError: the file is missing or is not a YAML mapping.
-    """
-    path = run / "pipeline.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ResumeError(
-            f"--resume: cannot read the run's settings {path} ({type(err).__name__}: {err}); --resume checks "
-            "that the pipeline did not change. Restore the file, or pass --allow-changes to continue with "
-            "the pipeline given now"
-        ) from None
-    if not isinstance(data, dict):
-        raise ResumeError(f"--resume: {path} is not a mapping of settings; restore it, or pass --allow-changes")
-    return data
-
-
-def plain(data: Any) -> Any:
-    """Data as a YAML round trip gives it back (tuples become lists), for comparison with a file."""
-    return yaml.safe_load(yaml.safe_dump(data, sort_keys=False))
-
-
-# ------------------------------------------------------------------------------------- signals
-
-
-class StopSignals:
-    """While active, the first SIGTERM or SIGINT asks the trainer to stop after the current epoch
-    (it is checkpointed first); a second one ends the process at once by that signal. An abort is
-    safe because every file a resume reads is written atomically.
-
-    Attributes:
-        requested: the name of the first signal received ("SIGTERM"), or None.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, log: Callable[[str], None]):
-        self.log = log
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.requested is not None:
-            os.write(2, f"\n{name} again: aborting now; the last complete checkpoint is intact\n".encode())
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.requested = name
-        self.log(f"{name} received: finishing the current epoch, then writing a checkpoint (send it again to abort at once)")
-
-
-# ----------------------------------------------------------------------------- reward failures
-
-
-def describe_error(err: BaseException) -> str:
-    """'ValueError: boom (at rewards.py:12 in __call__)': the exception and where it was raised."""
-    frames = traceback.extract_tb(err.__traceback__)
-    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
-    return f"{type(err).__name__}: {err}{where}"
-
-
-def _check_shapes(label: str, out: Any, batch: int) -> None:
-    """The reward contract's shape checks (non-finite scores are a failure handled by policy)."""
-    if isinstance(out, RewardOutput):
-        out = replace(out, scores=torch.nan_to_num(out.scores.float(), nan=0.0, posinf=0.0, neginf=0.0))
-    check_part(label, out, batch)
-
-
-def _score_each_image(reward, label: str, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[object]) -> tuple[RewardOutput, list[str]]:
-    """Score one image at a time, so that the images a reward cannot score are found.
-
-    Returns:
-        The output [B] (NaN score and details for images that raised) and a description of each
-        error.
-    """
-    scores, details, errors, failures = [], [], [], 0
-    for i in range(images.shape[0]):
-        try:
-            out = reward(images[i : i + 1], prompts[i : i + 1], metadata[i : i + 1] if metadata else ())
-            _check_shapes(label, out, 1)
-        except FlowrlError:
-            raise
-        except Exception as err:
-            scores.append(float("nan"))
-            details.append({})
-            errors.append(describe_error(err))
-            continue
-        scores.append(float(out.scores[0]))
-        details.append({k: float(v[0]) for k, v in out.details.items()})
-        failures += out.failures
-    names = list(dict.fromkeys(k for d in details for k in d))
-    merged = {k: torch.tensor([d.get(k, float("nan")) for d in details]) for k in names}
-    return RewardOutput(torch.tensor(scores, dtype=torch.float32), merged, failures), errors
-
-
-def score_reward(reward, label: str, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[object], on_error: str) -> tuple[RewardOutput, torch.Tensor, list[str]]:
-    """One reward on a batch, with its failures found and the failure policy applied.
-
-    A reward that raises on the batch is, under drop-group, run again one image at a time to find
-    the images it cannot score. A FlowrlError (a setup problem, e.g. missing weights) always stops.
-
-    Args:
-        reward: the reward stage.
-        label: its label in metrics.
-        images: float32 [B, 3, H, W] in [0, 1].
-        prompts: B prompts.
-        metadata: B records, or empty.
-        on_error: "fail" or "drop-group" (train.on_reward_error).
-
-    Returns:
-        (output with scores [B] (NaN where failed), failed bool [B], error descriptions).
-
-    Raises:
-        RewardError: under "fail", naming the reward, the error (or the NaN count) and the fix.
-    """
-    n = images.shape[0]
-    fix = "fix the reward, or set train.on_reward_error: drop-group to train on the other groups"
-    try:
-        out = reward(images, prompts, metadata)
-        errors: list[str] = []
-    except FlowrlError:
-        raise
-    except Exception as err:
-        if on_error == "fail":
-            raise RewardError(f"reward {label!r} raised {describe_error(err)} while scoring {n} images; {fix}") from err
-        out, errors = _score_each_image(reward, label, images, prompts, metadata)
-    else:
-        _check_shapes(label, out, n)
-    failed = ~torch.isfinite(out.scores.float())
-    if on_error == "fail" and bool(failed.any()):
-        first = int(torch.nonzero(failed)[0])
-        raise RewardError(
-            f"reward {label!r} returned {int(failed.sum())} non-finite score(s) (NaN or inf) out of {n} "
-            f"(first: image {first}, prompt {prompts[first]!r}); {fix}"
-        )
-    return out, failed, errors
-
-
-def whole_groups(failed: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """bool [B]: True for every image whose group holds at least one failed image.
-
-    Args:
-        failed: bool [B].
-        group_ids: int [B].
-    """
-    bad_groups = torch.unique(group_ids[failed])
-    return torch.isin(group_ids, bad_groups)
-
-
-def failed_of(out: RewardOutput) -> torch.Tensor:
-    """bool [B]: the images whose score is not finite (what `score_reward` marks failed)."""
-    return ~torch.isfinite(out.scores.float().cpu())
-
-
-def subset_output(out: RewardOutput, idx: torch.Tensor) -> RewardOutput:
-    """A reward output restricted to the images at `idx` (int64 [b])."""
-    return RewardOutput(out.scores[idx], {k: v[idx] for k, v in out.details.items()}, out.failures)
+# ----------------------------------------------- reward failures: flowrl/rewards/scoring.py
 
 
 # ------------------------------------------------------------------------------ numeric guards
@@ -773,7 +410,7 @@ class Trainer:
         kind = self.world.device.type
         cpu = kind == "cpu"
         compiled = decide_compile(
-            t.compile, kind, self.cfg.model.finetune, t.epochs, cpp_compiler() if cpu else None,
+            t.compile, kind, self.cfg.model.finetune, t.epochs, cpp_compiler if cpu else lambda: None,
             torch.backends.cpu.get_cpu_capability() if cpu else "",
         )
         if t.compile == "auto":
@@ -1277,22 +914,6 @@ class Trainer:
         # Absent before the decay counted optimizer steps: every step of epochs 0..N not skipped.
         steps_done = (int(state["epoch"]) + 1) * self.cfg.train.steps_per_epoch - self.skipped_total
         self.global_step = int(state.get("global_step", steps_done))
-
-
-def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop metrics lines of epochs after `last_epoch` (written after the checkpoint we resume),
-    and a torn last line of a killed write; the file is replaced atomically."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # only a write cut by a kill leaves a partial line
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= last_epoch:
-            keep.append(line)
-    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def format_metrics(m: dict) -> str:

@@ -231,14 +231,9 @@ def parse_override(text: str, classes: Mapping[str, type]) -> tuple[str, str, An
         FlowrlError: malformed text, a reward not chosen, or a field the reward does not have (with
             its valid fields and the nearest one).
     """
-    from flowrl.config import split_override
+    from flowrl.config import split_reward_override
 
-    parts = split_override(text)
-    name, key, value = (".".join(parts[0][:-1]), parts[0][-1], parts[1]) if parts else ("", "", None)
-    if not name or not key:
-        raise FlowrlError(f"-o {text!r}: expected NAME.KEY=VALUE, e.g. -o clipscore.model=/models/clip-vit-large-patch14")
-    if name not in classes:
-        raise FlowrlError(f"-o {text!r} sets reward {name!r}, which is not among --reward {','.join(classes)}")
+    name, key, value = split_reward_override(text, list(classes), "clipscore.model=/models/clip-vit-large-patch14")
     fields = settable_fields(classes[name].Config)
     if key in MIX_FIELDS:
         raise FlowrlError(

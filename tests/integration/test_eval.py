@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import flowrl.train
+import flowrl.training.rollout
 from flowrl.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,15 +60,15 @@ def table_value(output: str, row: str, column: int = 0) -> str:
 
 @pytest.fixture
 def count_sampled(monkeypatch):
-    """Seeds of every image the harness samples (it samples through flowrl.train.roll_out)."""
+    """Seeds of every image the harness samples (it samples through flowrl.training.rollout.roll_out)."""
     seen: list[int] = []
-    real = flowrl.train.roll_out
+    real = flowrl.training.rollout.roll_out
 
     def spy(policy, sampler, batch, cond, seeds, which, chunk):
         seen.extend(seeds)
         return real(policy, sampler, batch, cond, seeds, which, chunk)
 
-    monkeypatch.setattr(flowrl.train, "roll_out", spy)
+    monkeypatch.setattr(flowrl.training.rollout, "roll_out", spy)
     return seen
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import flowrl.train
+import flowrl.training.rollout
 from flowrl.cli import main
 from test_train import TINY, metrics, train
 
@@ -62,13 +62,13 @@ def test_flowrl_eval_loads_the_full_checkpoint(runs, tmp_path: Path, monkeypatch
     straight, _ = runs
     monkeypatch.syspath_prepend(str(HERE))
     used = []
-    real = flowrl.train.roll_out
+    real = flowrl.training.rollout.roll_out
 
     def spy(policy, sampler, batch, cond, seeds, which, chunk):
         used.append((policy, which))
         return real(policy, sampler, batch, cond, seeds, which, chunk)
 
-    monkeypatch.setattr(flowrl.train, "roll_out", spy)
+    monkeypatch.setattr(flowrl.training.rollout, "roll_out", spy)
     res = CliRunner().invoke(main, ["eval", str(straight), "--reward", "user_stages:Brightness", "--limit", "1", "-n", "1",
                                     "--steps", "2", "--out", str(tmp_path / "eval")], catch_exceptions=False)
     assert res.exit_code == 0, res.output

@@ -68,18 +68,22 @@ def test_facts_and_probe_on_this_machine():
     ],
 )
 def test_auto_compiles_long_lora_runs_on_an_avx2_cpu_with_a_compiler(kind, capability, finetune, epochs, compiler, enabled, why):
-    d = decide_compile("auto", kind, finetune, epochs, compiler, capability)
+    d = decide_compile("auto", kind, finetune, epochs, lambda: compiler, capability)
     assert d.enabled is enabled and why in d.reason
 
 
 def test_explicit_compile_is_kept_or_refused_with_the_fix():
-    assert decide_compile(False, "cpu", "full", 80, None).enabled is False
-    assert decide_compile(True, "cpu", "lora", 1, "g++").enabled is True  # short runs too, when asked
-    assert decide_compile(True, "cuda", "lora", 1, None).enabled is True
+    assert decide_compile(False, "cpu", "full", 80, never).enabled is False
+    assert decide_compile(True, "cpu", "lora", 1, lambda: "g++").enabled is True  # short runs too, when asked
+    assert decide_compile(True, "cuda", "lora", 1, never).enabled is True
     with pytest.raises(FlowrlError, match="apt install g\\+\\+.*train.compile: auto or false"):
-        decide_compile(True, "cpu", "lora", 80, None)
+        decide_compile(True, "cpu", "lora", 80, lambda: None)
     with pytest.raises(FlowrlError, match="LoRA fine-tuning"):
-        decide_compile(True, "cpu", "full", 80, "g++")
+        decide_compile(True, "cpu", "full", 80, never)
+    # auto asks for the compiler only where it would compile: eager runs never import inductor
+    for args in (("cpu", "full", 80), ("cuda", "lora", 80), ("cpu", "lora", 1)):
+        assert decide_compile("auto", *args, never, "AVX2").enabled is False
+    assert decide_compile("auto", "cpu", "lora", 80, never, "AVX512").enabled is False
 
 
 def test_the_compiler_of_this_machine_is_found_or_none(monkeypatch):
