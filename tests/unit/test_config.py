@@ -149,7 +149,7 @@ def test_resolve_plain_data():
 
 
 def test_one_reading_of_overrides_for_train_eval_and_score():
-    from flowrl.cli.rewards import parse_override as score_override
+    from flowrl.score import parse_override as score_override
     from flowrl.config import parse_override, split_override
     from flowrl.errors import FlowrlError
     from flowrl.evaluate import _parse_reward_override
