@@ -65,7 +65,7 @@ def machine_kind() -> str:
 
 def time_epoch(trainer, precision: str, micro_batches: int | None) -> dict[str, float]:
     """Seconds of each phase of one epoch (epoch 0's prompts, seeds and noise)."""
-    from flowrl.training.rollout import derive_seed, encode_batch, rollout_autocast
+    from flowrl.training.rollout import Pinned, derive_seed, encode_batch, rollout_autocast
     from flowrl.rewards.base import as_float_images
 
     c, policy, stages = trainer.cfg, trainer.policy, trainer.stages
@@ -85,7 +85,7 @@ def time_epoch(trainer, precision: str, micro_batches: int | None) -> dict[str, 
         sub_cond = cond.index(idx)
         with torch.no_grad(), rollout_autocast(trainer.device, precision):
             with timer.phase("rollout"):
-                x0, sigmas, traj = stages.sampler(_Pinned(policy, c.train.rollout_policy), sub_cond, seeds, policy.latent_shape)
+                x0, sigmas, traj = stages.sampler(Pinned(policy, c.train.rollout_policy), sub_cond, seeds, policy.latent_shape)
             with timer.phase("decode"):
                 images = policy.decode(x0)
         from flowrl.types import Rollout
@@ -113,14 +113,6 @@ def time_epoch(trainer, precision: str, micro_batches: int | None) -> dict[str, 
         torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), c.optimizer.grad_clip)
         trainer.optimizer.step()
     return {k: v * (1.0 if k in ("text encoding", "optimizer") else scale) for k, v in timer.s.items()}
-
-
-class _Pinned:
-    def __init__(self, policy, which):
-        self.policy, self.which = policy, which
-
-    def velocity(self, x, t, cond, which="policy", guidance=1.0):
-        return self.policy.velocity(x, t, cond, self.which if which == "policy" else which, guidance)
 
 
 def build_trainer(pipeline: Path, overrides: list[str]):

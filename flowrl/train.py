@@ -23,7 +23,8 @@ reward failures follow `train.on_reward_error`, never a silent zero.
 
 The trainer's rooms move to flowrl/training/ (issue 19): checkpoint.py (atomic files, finding
 checkpoints), resume.py (what a resume may change), rollout.py (seeds, encoding, sampling),
-schedule.py (lr and old-policy decay), signals.py; this module re-exports their names.
+schedule.py (lr and old-policy decay), signals.py; the reward-failure policy is in
+flowrl/rewards/scoring.py. This module re-exports their names.
 """
 
 from __future__ import annotations
@@ -134,9 +135,6 @@ def _pause_for_tests() -> None:
     seconds = os.environ.get(CHECKPOINT_PAUSE_ENV)
     if seconds:
         time.sleep(float(seconds))
-
-
-# ----------------------------------------------- reward failures: flowrl/rewards/scoring.py
 
 
 # ------------------------------------------------------------------------------ numeric guards
